@@ -1,0 +1,379 @@
+"""Trainer plumbing shared by the three scripts: logging set-up, output folder and resume rules,
+throughput/MFU and sweep-metrics callbacks, the W&B run config, and results files.
+
+Nothing here is a place students are expected to edit; the task-specific code stays in the scripts.
+"""
+
+import json
+import logging
+import math
+import os
+import platform
+import re
+import resource
+import sys
+import time
+import zipfile
+
+import datasets
+import torch
+import transformers
+from transformers import TrainerCallback
+
+from arguments import UserError, to_config_dict
+
+logger = logging.getLogger(__name__)
+
+RUN_MARKER = "run_info.json"  # written into every output_dir we use: tells our files from a user's
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def setup_logging(training_args):
+    """One log format for all scripts; replicas of a multi-process run only warn."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)]
+    )
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.getLogger().setLevel(level)
+    library_level = training_args.get_process_log_level()  # --log_level; libraries stay at warning by default
+    datasets.utils.logging.set_verbosity(library_level)
+    transformers.utils.logging.set_verbosity(library_level)
+
+
+def finalize_training_args(training_args, argv, script_name):
+    """Defaults that depend on the run rather than on one flag; shared by all scripts."""
+    given = {a.split("=")[0] for a in argv}
+    if "--output_dir" not in given and training_args.output_dir in (None, "trainer_output"):
+        training_args.output_dir = default_output_dir(script_name)
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        training_args.do_train = training_args.do_eval = True  # nothing asked for: do the whole job
+    if training_args.include_num_input_tokens_seen in ("no", False):
+        training_args.include_num_input_tokens_seen = "all"  # feeds train/tokens_per_second and train/mfu
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per loader
+
+
+def is_main_process(training_args):
+    return training_args.process_index == 0
+
+
+def default_output_dir(script_name):
+    """A fresh folder under outputs/ for runs that name none."""
+    return os.path.join("outputs", f"{script_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _checkpoint_problem(path):
+    """Why a checkpoint folder cannot be resumed from (None if it looks complete)."""
+    state_file = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or truncated"
+    names = os.listdir(path)
+    if not any(n.endswith((".safetensors", ".bin")) and n != "training_args.bin" for n in names):
+        return "no model weights"
+    for name in names:
+        file = os.path.join(path, name)
+        if name.endswith(".safetensors"):
+            with open(file, "rb") as f:
+                header = f.read(8)
+                if len(header) < 8:
+                    return f"{name} is truncated"
+                header_len = int.from_bytes(header, "little")
+                try:
+                    meta = json.loads(f.read(header_len))
+                except ValueError:
+                    return f"{name} is truncated"
+            data_end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+            if os.path.getsize(file) < 8 + header_len + data_end:
+                return f"{name} is truncated"
+        elif name.endswith((".pt", ".pth", ".bin")) and not zipfile.is_zipfile(file):  # torch.save writes zip files
+            return f"{name} is truncated"
+    return None
+
+
+def find_resume_checkpoint(output_dir):
+    """The newest complete checkpoint in output_dir; incomplete ones are skipped with a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        ((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(name))), reverse=True
+    )
+    for _, name in steps:
+        path = os.path.join(output_dir, name)
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("Skipping incomplete checkpoint %s: %s", path, problem)
+    return None
+
+
+def prepare_output_dir(training_args, data_args, script_name, config=None):
+    """Check output_dir and decide what to resume from. Returns the checkpoint path or None.
+
+    Writes run_info.json (command line and every setting, tokens hidden) into output_dir.
+    Rules: a folder holding files we did not write is refused (we never overwrite someone's work);
+    a rerun resumes from the newest complete checkpoint unless --overwrite_output_dir; an explicit
+    --resume_from_checkpoint wins. Nothing is ever deleted here.
+    """
+    out = training_args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out!r} is a file; give a folder path")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, RUN_MARKER)):
+        raise UserError(
+            f"--output_dir {out!r} holds files this script did not write; choose an empty or new --output_dir"
+        )
+    explicit = training_args.resume_from_checkpoint
+    if explicit:
+        if not os.path.isdir(explicit):
+            raise UserError(f"--resume_from_checkpoint {explicit!r} is not a folder; give a checkpoint-N folder")
+        problem = _checkpoint_problem(explicit)
+        if problem:
+            raise UserError(f"--resume_from_checkpoint {explicit!r} is incomplete ({problem}); pick another checkpoint")
+        checkpoint = explicit
+    elif data_args.overwrite_output_dir or not training_args.do_train:
+        checkpoint = None
+    else:
+        checkpoint = find_resume_checkpoint(out)
+        if checkpoint:
+            logger.info("Resuming from %s (pass --overwrite_output_dir to start fresh)", checkpoint)
+    if is_main_process(training_args):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, RUN_MARKER), "w", encoding="utf-8") as f:
+            info = {"script": script_name, "argv": _redacted(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "config": config or {}}
+            json.dump(info, f, indent=2, default=str)
+    return checkpoint
+
+
+def _redacted(argv):
+    """argv with token values hidden, so secrets never land in files."""
+    out, hide_next = [], False
+    for item in argv:
+        if hide_next:
+            out.append("<hidden>")
+            hide_next = False
+            continue
+        name = item.lstrip("-").split("=")[0]
+        if item.startswith("--") and name in ("token", "hub_token"):
+            if "=" in item:
+                out.append(f"--{name}=<hidden>")
+            else:
+                out.append(item)
+                hide_next = True
+        else:
+            out.append(item)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Throughput and MFU
+# ---------------------------------------------------------------------------------------------------
+
+def measure_peak_flops(dtype=torch.float32, size=2048, seconds=1.0, device="cpu"):
+    """Matrix-multiply throughput (FLOP/s) of this machine: the physical limit MFU is measured against."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    torch.matmul(a, b)  # warm-up: thread pool start, kernel selection
+    if device != "cpu":
+        torch.cuda.synchronize()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        runs += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def cached_peak_flops(dtype, device="cpu"):
+    """measure_peak_flops, remembered per machine, dtype and torch version (it takes a second or two)."""
+    from data_utils import cache_root
+
+    cpu = platform.processor() or platform.machine()
+    if device != "cpu":
+        cpu = torch.cuda.get_device_name()
+    key = f"{cpu}|{torch.get_num_threads()}|{dtype}|{torch.__version__}|{device}"
+    path = os.path.join(cache_root(), "peak_flops.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = measure_peak_flops(dtype, device=device)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(known, f, indent=1)
+    return known[key]
+
+
+def transformer_flops_per_token(model, seq_len, head_fraction=1.0):
+    """Training FLOPs per token: 6 x (non-embedding weights) for forward+backward matmuls, plus
+    12 x layers x width x seq_len for attention scores and values (Kaplan et al. 2020, Table 1; PaLM,
+    Chowdhery et al. 2022, App. B), plus the output projection at the share of positions where it runs.
+    """
+    config = model.config
+    embedding_params = sum(p.numel() for n, p in model.named_parameters() if "embed" in n or "shared" in n)
+    body_params = sum(p.numel() for p in model.parameters()) - embedding_params
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model")
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0) + getattr(config, "num_decoder_layers", 0)
+    vocab = config.vocab_size
+    return 6 * body_params + 12 * layers * hidden * seq_len + 6 * hidden * vocab * head_fraction
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds train/tokens_per_second and train/mfu to every training log, and peak memory at the end.
+
+    Tokens are those the Trainer counted (`include_num_input_tokens_seen`), so the figure is exact
+    under gradient accumulation and multiple processes.
+    """
+
+    def __init__(self, flops_per_token=None, peak_flops=None):
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self._last = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen or 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self._last is None:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen or 0
+        seconds = now - self._last[0]
+        if seconds > 0 and tokens > self._last[1]:
+            tokens_per_second = (tokens - self._last[1]) / seconds
+            logs["tokens_per_second"] = round(tokens_per_second, 1)
+            if self.flops_per_token and self.peak_flops:
+                logs["mfu"] = round(tokens_per_second * self.flops_per_token / self.peak_flops, 4)
+        self._last = (now, tokens)
+
+
+def peak_memory_mb():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def wandb_style(logs, step):
+    """Trainer log keys as W&B shows them: eval_loss -> eval/loss, loss -> train/loss."""
+    record = {}
+    for key, value in logs.items():
+        for prefix in ("eval", "test"):
+            if key.startswith(prefix + "_"):
+                record[f"{prefix}/{key[len(prefix) + 1:]}"] = value
+                break
+        else:
+            record[f"train/{key}"] = value
+    record["train/global_step"] = step
+    return record
+
+
+class SweepMetricsCallback(TrainerCallback):
+    """When the offline sweep agent sets SWEEP_METRICS_FILE, append every logged record there as one
+    JSON line with W&B names, so the agent can prune weak trials and read the final metric."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            record = {k: v for k, v in wandb_style(logs, state.global_step).items() if isinstance(v, (int, float, str))}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class RunConfigCallback(TrainerCallback):
+    """Put all our dataclasses into the W&B run config, not only TrainingArguments. Values W&B already
+    holds (a sweep agent's parameters) win: setdefaults only fills what is missing."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and "wandb" in (args.report_to or []):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.config.setdefaults(self.config)
+
+
+def add_callbacks(trainer, config, flops_per_token=None, peak_flops=None):
+    """Attach our callbacks. The throughput one goes first so its numbers reach W&B and the console."""
+    trainer.callback_handler.callbacks.insert(0, ThroughputCallback(flops_per_token, peak_flops))
+    trainer.add_callback(RunConfigCallback(config))
+    if os.environ.get("SWEEP_METRICS_FILE"):
+        trainer.add_callback(SweepMetricsCallback(os.environ["SWEEP_METRICS_FILE"]))
+
+
+def log_and_save(trainer, split, metrics):
+    """Print metrics, write <split>_results.json and merge them into all_results.json (as HF does)."""
+    trainer.log_metrics(split, metrics)
+    trainer.save_metrics(split, metrics)
+    if split == "train":
+        trainer.save_state()
+
+
+def run_config(*dataclass_objects):
+    return to_config_dict(*dataclass_objects)
+
+
+def perplexity(loss):
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masked-LM head only where there are labels
+# ---------------------------------------------------------------------------------------------------
+
+def enable_sparse_mlm_head(model):
+    """Compute the MLM prediction head only at masked positions (as crammed BERT and MosaicBERT do).
+
+    With a 30k vocabulary the output layer costs more than the whole encoder, yet only ~15% of the
+    positions carry a label. The weights and the saved format are untouched: only this instance's
+    forward changes. In training and evaluation the returned `logits` are the argmax token ids at the
+    labelled positions (-100 elsewhere), so metrics never hold full-vocabulary logits; without labels
+    the model returns ordinary full logits. Returns False (and changes nothing) for models whose head
+    is not one module beside the encoder.
+    """
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import MaskedLMOutput
+
+    base = getattr(model, model.base_model_prefix, None)
+    heads = [module for name, module in model.named_children() if name != model.base_model_prefix]
+    if base is None or len(heads) != 1:
+        return False
+    head = heads[0]
+
+    def forward(input_ids=None, attention_mask=None, token_type_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        encoder_kwargs = {"attention_mask": attention_mask, **kwargs}
+        if token_type_ids is not None:
+            encoder_kwargs["token_type_ids"] = token_type_ids
+        hidden = base(input_ids=input_ids, **encoder_kwargs)[0]
+        if labels is None:
+            return MaskedLMOutput(logits=head(hidden))
+        selected = labels != -100
+        logits = head(hidden[selected]).float()  # (masked tokens, vocab); float32 for a stable softmax
+        targets = labels[selected]
+        if num_items_in_batch is not None:  # gradient accumulation: normalise by the tokens of the whole step
+            loss = F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch
+        else:
+            loss = F.cross_entropy(logits, targets)
+        predictions = torch.full_like(labels, -100)
+        predictions[selected] = logits.argmax(-1)
+        return MaskedLMOutput(loss=loss, logits=predictions)
+
+    model.forward = forward
+    return True
+
+
+def compute_dtype(training_args):
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+
+
+def device_kind(training_args):
+    return "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
