@@ -21,7 +21,7 @@ import yaml
 from transformers import HfArgumentParser
 
 CONFIG_FILE_EXTENSIONS = (".json", ".yaml", ".yml")
-DATA_FILE_EXTENSIONS = ("txt", "text", "csv", "tsv", "json", "jsonl", "parquet")
+DATA_FILE_EXTENSIONS = ("txt", "text", "raw", "csv", "tsv", "json", "jsonl", "parquet")
 
 
 class UserError(Exception):

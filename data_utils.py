@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 FILE_BUILDERS = {
     "txt": ("text", {}),
     "text": ("text", {}),
+    "raw": ("text", {}),  # WikiText ships plain text as .raw
     "csv": ("csv", {}),
     "tsv": ("csv", {"sep": "\t", "quoting": 3}),  # 3 = csv.QUOTE_NONE: GLUE sentences hold bare quotes
     "json": ("json", {}),
