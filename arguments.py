@@ -248,6 +248,20 @@ def _file_to_argv(path, known):
     return argv
 
 
+def _wants_bf16_on_cpu_only_machine(argv):
+    import torch
+
+    if torch.cuda.is_available() or any(a.split("=")[0] in ("--use_cpu", "--no_cuda") for a in argv):
+        return False
+    for i, item in enumerate(argv):
+        name, _, value = item.partition("=")
+        if name == "--bf16":
+            if not value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+            return value.lower() not in ("false", "0", "no")
+    return False
+
+
 def parse_args(dataclass_types, argv=None):
     """Parse CLI flags and/or a config file into the given dataclasses (in that order)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -258,6 +272,8 @@ def parse_args(dataclass_types, argv=None):
         argv = _file_to_argv(argv[0], known_with_legacy) + argv[1:]
     _check_unknown(argv, known_with_legacy)
     argv = _translate_legacy(argv, known)
+    if "use_cpu" in known and _wants_bf16_on_cpu_only_machine(argv):
+        argv.append("--use_cpu=True")  # TrainingArguments refuses bf16 without a GPU unless told to use the CPU
     try:
         outputs = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except UserError:

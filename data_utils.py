@@ -259,14 +259,46 @@ def batched_texts(dataset, column, batch_size=1000):
         yield batch
 
 
+class BatchSeeds:
+    """One seed per batch, derived from (seed, process rank, batch number), for the collators' masking.
+
+    Drawing masks from the global RNG would tie them to everything else that consumes it; and the
+    Trainer collates the first batch after a resume before it restores the checkpoint's RNG state.
+    With a seed per batch number, a resumed run draws exactly the masks the uninterrupted run drew.
+    `start` is the number of batches consumed before the current DataLoader iterator began (set by
+    train_utils at each epoch start); DataLoader workers take batches round-robin, hence the stride.
+    """
+
+    def __init__(self, seed):
+        self.seed, self.start, self._local = seed, 0, 0
+
+    def restart(self, start):
+        self.start, self._local = start, 0
+
+    def next(self):
+        worker = torch.utils.data.get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        index = self.start + worker_id + workers * self._local
+        self._local += 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        return [self.seed, rank, index]
+
+
 class FastMLMCollator(DataCollatorForLanguageModeling):
-    """DataCollatorForLanguageModeling that finds special tokens with one vectorized `isin` per batch,
-    instead of a Python call per row, so no special_tokens_mask column has to be stored."""
+    """DataCollatorForLanguageModeling that (a) finds special tokens with one vectorized `isin` per batch
+    instead of a Python call per row, so no special_tokens_mask column is stored, and (b) masks with a
+    per-batch seed (BatchSeeds), so resumed runs are exact."""
+
+    def __init__(self, *args, seed=42, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_seeds = BatchSeeds(seed)
 
     def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
         if special_tokens_mask is None:
             special_ids = torch.tensor(self.tokenizer.all_special_ids, dtype=inputs.dtype)
             special_tokens_mask = torch.isin(inputs, special_ids)
+        seed = int(np.random.SeedSequence(self.batch_seeds.next()).generate_state(1)[0])
+        self.generator = torch.Generator().manual_seed(seed)
         return super().torch_mask_tokens(inputs, special_tokens_mask=special_tokens_mask, offset_mapping=offset_mapping)
 
 
@@ -448,23 +480,21 @@ class DataCollatorForT5SpanCorruption:
             self.decoder_start_token_id = self.tokenizer.pad_token_id
         if self.decoder_start_token_id is None:
             raise ValueError("tokenizer has no pad_token; pass decoder_start_token_id explicitly")
-        self._rng = None
-        self._rng_owner = None
+        self._batch_seeds = None
 
     def _generator(self):
-        # DataLoader workers each get a copy of this collator; a generator inherited from the main process
-        # would give every worker the same masks. Each worker therefore seeds its own from the seed torch
-        # gives it (distinct per worker, fresh every epoch unless workers persist, reproducible under
-        # Trainer's seed). In the main process one generator runs for the whole training.
-        worker = torch.utils.data.get_worker_info()
-        owner = None if worker is None else worker.seed
-        if self._rng is None or self._rng_owner != owner:
-            entropy = [] if self.seed is None else [self.seed]
-            if worker is not None:
-                entropy.append(worker.seed)
-            self._rng = np.random.default_rng(entropy or None)
-            self._rng_owner = owner
-        return self._rng
+        # A fresh generator per batch from (seed, rank, batch number): workers and processes never repeat
+        # each other's masks, and a run resumed from a checkpoint draws the masks the uninterrupted run drew.
+        if self._batch_seeds is None:
+            self._batch_seeds = BatchSeeds(np.random.SeedSequence().entropy if self.seed is None else self.seed)
+        return np.random.default_rng(self._batch_seeds.next())
+
+    @property
+    def batch_seeds(self):
+        if self._batch_seeds is None:
+            self._generator()
+            self._batch_seeds.restart(0)
+        return self._batch_seeds
 
     def __call__(self, examples):
         tokens = _stack_token_rows(examples)

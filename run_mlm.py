@@ -199,7 +199,7 @@ def main(argv=None):
     # 6. Collator and metrics. ADAPT: masking scheme and what is measured.
     collator = data_utils.FastMLMCollator(
         tokenizer, mlm_probability=mlm_args.mlm_probability, whole_word_mask=mlm_args.whole_word_mask,
-        pad_to_multiple_of=8 if training_args.bf16 or training_args.fp16 else None,
+        pad_to_multiple_of=8 if training_args.bf16 or training_args.fp16 else None, seed=training_args.seed,
     )
     accuracy = evaluate.load(os.path.join(HERE, "metrics", "mlm_accuracy"))
 
@@ -226,7 +226,7 @@ def main(argv=None):
     # 8. Train
     metrics = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        result = train_utils.train(trainer, resume_from)
         trainer.save_model()  # model, config and tokenizer, loadable with from_pretrained
         train_metrics = dict(result.metrics, peak_memory_mb=round(train_utils.peak_memory_mb(), 1))
         if not data_args.streaming:

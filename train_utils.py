@@ -11,7 +11,9 @@ import os
 import platform
 import re
 import resource
+import signal
 import sys
+import threading
 import time
 import zipfile
 
@@ -173,8 +175,9 @@ def _redacted(argv):
 
 def measure_peak_flops(dtype=torch.float32, size=2048, seconds=1.0, device="cpu"):
     """Matrix-multiply throughput (FLOP/s) of this machine: the physical limit MFU is measured against."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: runs stay reproducible
+    a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
     torch.matmul(a, b)  # warm-up: thread pool start, kernel selection
     if device != "cpu":
         torch.cuda.synchronize()
@@ -377,3 +380,106 @@ def compute_dtype(training_args):
 
 def device_kind(training_args):
     return "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preemption and divergence: nothing is lost when a run is interrupted or blows up
+# ---------------------------------------------------------------------------------------------------
+
+STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1")) if s is not None)
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM, SIGINT or SIGUSR1 (what Slurm sends before preemption): finish the current optimizer
+    step, save a checkpoint, stop. A second signal exits at once. Under several processes the flag is
+    shared, so every rank stops at the same step and the collective checkpoint save cannot deadlock."""
+
+    def __init__(self):
+        self.signal_number = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal_number is not None:  # second signal: the user means it
+            print(f"\nsignal {signum} again: exiting now without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal_number = signum
+        print(f"\nsignal {signum}: finishing this step, then saving a checkpoint (send again to exit at once)",
+              file=sys.stderr, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # signal handlers only work there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.signal_number is not None
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([float(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop and self.signal_number is None:
+                self.signal_number = signal.SIGTERM  # another rank was signalled
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class BatchSeedCallback(TrainerCallback):
+    """Tell a collator with per-batch seeds (data_utils.BatchSeeds) how many batches came before this
+    epoch's first one, so masks depend only on the batch number, also after a resume."""
+
+    def __init__(self, batch_seeds):
+        self.batch_seeds = batch_seeds
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.batch_seeds.restart(state.global_step * args.gradient_accumulation_steps)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _guard_loss(trainer):
+    """Check each step's loss before the optimizer step can save it into a checkpoint."""
+    original = trainer.training_step
+
+    def training_step(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(f"loss became {loss.item()} at step {trainer.state.global_step + 1}")
+        return loss
+
+    trainer.training_step = training_step
+
+
+def train(trainer, resume_from_checkpoint=None):
+    """trainer.train() with preemption handling and a guard against NaN/inf loss.
+
+    On a stop signal: the checkpoint path is printed and the process exits with 128 + signal number,
+    so a scheduler (Slurm --requeue) can rerun the same command, which resumes from it.
+    """
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
+    if hasattr(trainer.data_collator, "batch_seeds"):
+        trainer.add_callback(BatchSeedCallback(trainer.data_collator.batch_seeds))
+    _guard_loss(trainer)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except NonFiniteLoss as err:
+        last = find_resume_checkpoint(trainer.args.output_dir)
+        hint = "lower --learning_rate (or raise --warmup_steps), or set --max_grad_norm 1.0"
+        if trainer.args.fp16:
+            hint += "; use --bf16 instead of --fp16 (T5 overflows in fp16)"
+        raise UserError(f"{err}; stopped. Last good checkpoint: {last or 'none'}. Try: {hint}") from None
+    if preemption.signal_number is not None:
+        path = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+        if trainer.is_world_process_zero():
+            print(f"\nInterrupted by signal {preemption.signal_number} at step {trainer.state.global_step}. "
+                  f"Checkpoint: {path}\nRun the same command again to resume.", file=sys.stderr, flush=True)
+        raise SystemExit(128 + preemption.signal_number)
+    return result

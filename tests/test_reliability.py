@@ -1,0 +1,75 @@
+"""Interrupted runs lose nothing: signals checkpoint and stop, a rerun resumes exactly, NaN stops cleanly."""
+
+import json
+import os
+import signal
+
+import pytest
+from transformers import TrainerCallback
+
+import run_mlm
+import train_utils
+from arguments import UserError
+from conftest import TINY_BERT
+
+
+class SignalAtStep(TrainerCallback):
+    """Send ourselves a signal in the middle of a step, as a scheduler would."""
+
+    def __init__(self, step, signum):
+        self.step, self.signum = step, signum
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def final_loss(output_dir):
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    return losses[-1]
+
+
+def mlm_args(tmp_path, corpus, name):
+    return [*TINY_BERT, f"--output_dir={tmp_path / name}", "--max_steps=8", "--save_steps=100",
+            f"--train_file={corpus / 'train.txt'}", f"--validation_file={corpus / 'validation.txt'}", "--seed=7"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_mlm_signal_checkpoints_and_resume_matches_uninterrupted(tmp_path, text_corpus, monkeypatch, signum):
+    run_mlm.main(mlm_args(tmp_path, text_corpus, "straight"))
+    reference = final_loss(tmp_path / "straight")
+
+    original_train = train_utils.train
+
+    def train_with_signal(trainer, resume_from_checkpoint=None):
+        trainer.add_callback(SignalAtStep(3, signum))
+        return original_train(trainer, resume_from_checkpoint)
+
+    monkeypatch.setattr(train_utils, "train", train_with_signal)
+    with pytest.raises(SystemExit) as exit_info:
+        run_mlm.main(mlm_args(tmp_path, text_corpus, "cut"))
+    assert exit_info.value.code == 128 + signum
+    assert (tmp_path / "cut" / "checkpoint-4").is_dir()  # the step in flight was finished, then saved
+    monkeypatch.setattr(train_utils, "train", original_train)
+
+    run_mlm.main(mlm_args(tmp_path, text_corpus, "cut"))  # the same command resumes
+    resumed = final_loss(tmp_path / "cut")
+    assert resumed[0] == reference[0] == 8
+    assert abs(resumed[1] - reference[1]) < 1e-4, (resumed, reference)
+
+
+def test_incomplete_checkpoint_is_skipped(tmp_path, text_corpus, caplog):
+    args = mlm_args(tmp_path, text_corpus, "out") + ["--save_steps=2"]
+    run_mlm.main([a for a in args if not a.startswith("--max_steps")] + ["--max_steps=4"])
+    out = tmp_path / "out"
+    weights = out / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut off mid-write
+    assert train_utils.find_resume_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert "Skipping incomplete checkpoint" in caplog.text
+
+
+def test_nan_loss_stops_with_hint(tmp_path, text_corpus):
+    args = mlm_args(tmp_path, text_corpus, "nan") + ["--learning_rate=1e30", "--max_grad_norm=0"]
+    with pytest.raises(UserError, match=r"loss became .* Last good checkpoint.*learning_rate"):
+        run_mlm.main(args)
