@@ -47,6 +47,8 @@ def finalize_training_args(training_args, argv, script_name):
     given = {a.split("=")[0] for a in argv}
     if "--output_dir" not in given and training_args.output_dir in (None, "trainer_output"):
         training_args.output_dir = default_output_dir(script_name)
+    if os.environ.get("WANDB_SWEEP_ID") and "--report_to" not in given and training_args.report_to in ([], ["none"], "none", None):
+        training_args.report_to = ["wandb"]  # launched by `wandb agent`: the sweep needs the metrics in W&B
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         training_args.do_train = training_args.do_eval = True  # nothing asked for: do the whole job
     if training_args.include_num_input_tokens_seen in ("no", False):
@@ -226,6 +228,30 @@ def transformer_flops_per_token(model, seq_len, head_fraction=1.0):
     return 6 * body_params + 12 * layers * hidden * seq_len + 6 * hidden * vocab * head_fraction
 
 
+def encoder_decoder_flops_per_token(model, input_length, target_length):
+    """Training FLOPs of an encoder-decoder (T5) per encoder input token, the token the Trainer counts.
+
+    One example of `input_length` encoder and `target_length` decoder tokens costs, with the terms of
+    transformer_flops_per_token: 6 x weights x tokens for each stack; 12 x attention width x keys per query
+    and layer (encoder self-attention over the input, decoder self-attention over the targets plus
+    cross-attention over the input); the output projection at the target positions. That total is divided
+    by input_length. transformer_flops_per_token does not fit T5: it runs every token through both stacks,
+    and T5Config maps num_hidden_layers to the encoder's layers only.
+    """
+    config = model.config
+
+    def weights(stack):  # embeddings are lookups, not matmuls
+        return sum(p.numel() for name, p in stack.named_parameters() if "embed" not in name)
+
+    n, t = input_length, target_length
+    width = getattr(config, "num_heads", 0) * getattr(config, "d_kv", 0) or config.d_model
+    enc_layers = getattr(config, "num_layers", None) or config.encoder_layers
+    dec_layers = getattr(config, "num_decoder_layers", None) or config.decoder_layers
+    matmuls = 6 * (weights(model.get_encoder()) * n + weights(model.get_decoder()) * t)
+    attention = 12 * width * (enc_layers * n * n + dec_layers * t * (t + n))
+    return (matmuls + attention + 6 * config.d_model * config.vocab_size * t) / n
+
+
 class ThroughputCallback(TrainerCallback):
     """Adds train/tokens_per_second and train/mfu to every training log, and peak memory at the end.
 
@@ -327,6 +353,57 @@ def perplexity(loss):
         return math.exp(loss)
     except OverflowError:
         return float("inf")
+
+
+# ---------------------------------------------------------------------------------------------------
+# --load_best_model_at_end: every checkpoint must fall on an evaluation
+# ---------------------------------------------------------------------------------------------------
+
+def check_best_model_settings(training_args):
+    """The best model is a saved checkpoint whose evaluation was the best, so saves must land on
+    evaluations. Raise UserError naming the fix when they cannot; call it before loading any data.
+
+    Intervals below 1 are fractions of the total steps: two fractions are compared as a ratio; a fraction
+    beside a step count is resolved to steps when --max_steps gives the total (else the total depends on
+    the data, so the error asks for one kind for both).
+    """
+    args = training_args
+    if not args.load_best_model_at_end or args.save_strategy == "best":
+        return
+    eval_strategy, save_strategy = (getattr(s, "value", s) for s in (args.eval_strategy, args.save_strategy))
+    if eval_strategy == "no":
+        raise UserError("--load_best_model_at_end needs evaluations during training; add --eval_strategy epoch "
+                        "--save_strategy epoch (or steps, with --eval_steps and --save_steps)")
+    if save_strategy != eval_strategy:
+        raise UserError(f"--load_best_model_at_end needs a checkpoint at every evaluation, but --eval_strategy is "
+                        f"{eval_strategy} and --save_strategy {save_strategy}; pass --save_strategy {eval_strategy}")
+    if eval_strategy != "steps":
+        return
+    eval_steps, save_steps = args.eval_steps or args.logging_steps, args.save_steps
+    if (eval_steps < 1) != (save_steps < 1):
+        if args.max_steps <= 0:
+            raise UserError(f"--eval_steps {eval_steps:g} and --save_steps {save_steps:g} mix a fraction of the run "
+                            "with a step count; give both as fractions (e.g. --eval_steps 0.1 --save_steps 0.2) "
+                            "or both as step counts")
+        # Rounded up, as the Trainer resolves fractions.
+        eval_steps, save_steps = (math.ceil(s * args.max_steps) if s < 1 else int(s) for s in (eval_steps, save_steps))
+        args.eval_steps, args.save_steps = eval_steps, save_steps
+    multiple = save_steps / eval_steps
+    if multiple < 0.999999 or abs(multiple - round(multiple)) > 1e-6:
+        raise UserError(f"--load_best_model_at_end needs --save_steps to be a multiple of --eval_steps (got "
+                        f"{save_steps:g} and {eval_steps:g}); pass --save_steps {eval_steps * max(1, round(multiple)):g}")
+
+
+class SaveOnEvalCallback(TrainerCallback):
+    """Two fractions of the run are rounded up separately by the Trainer (25 steps: ceil(2.5) = 3 for
+    --eval_steps 0.1 but ceil(7.5) = 8 for --save_steps 0.3), so saves could miss evaluations; this makes
+    the save interval that exact multiple of the resolved evaluation interval."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.load_best_model_at_end and args.save_strategy == "steps" and 0 < args.save_steps < 1:
+            eval_steps = args.eval_steps or args.logging_steps
+            if 0 < eval_steps < 1 and state.eval_steps:
+                state.save_steps = round(args.save_steps / eval_steps) * state.eval_steps
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ def test_wikitext_bert_mini_reaches_hf_perplexity(tmp_path):
         f"--config_name={ROOT}/configs/bert-mini.json", f"--tokenizer_name={tokenizer}",
         f"--train_file={data}/wiki.test.raw", f"--validation_file={data}/wiki.valid.raw",
         "--max_seq_length=128", "--per_device_train_batch_size=32", "--per_device_eval_batch_size=64",
-        "--max_steps=200", "--learning_rate=5e-4", "--warmup_steps=20", "--seed=42", "--bf16",
+        "--max_steps=200", "--learning_rate=5e-4", "--warmup_steps=20", "--seed=42",
         "--logging_steps=50", "--save_strategy=no", "--report_to=none", "--disable_tqdm=True",
         f"--output_dir={tmp_path / 'wiki'}",
     ])
