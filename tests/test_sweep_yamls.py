@@ -1,0 +1,103 @@
+"""Every YAML in sweeps/ is a valid W&B sweep config whose parameters parse in its program's parser
+exactly as `wandb agent` renders them, and whose metric is a key the program logs. No training."""
+
+import dataclasses
+import glob
+import importlib
+import os
+import re
+
+import pytest
+import yaml
+from transformers import TrainingArguments
+
+import sweep
+from arguments import DataArguments, ModelArguments, parse_args
+from conftest import ROOT
+
+YAMLS = sorted(glob.glob(os.path.join(ROOT, "sweeps", "*.yaml")))
+# The metric keys each program logs at evaluation (W&B names), by task where it matters.
+LOGGED = {
+    "run_mlm.py": {"eval/loss", "eval/accuracy", "train/loss"},
+    "run_span_t5.py": {"eval/loss", "eval/accuracy", "train/loss"},
+}
+GLUE_KEYS = {
+    "cola": {"eval/matthews_correlation"}, "stsb": {"eval/pearson", "eval/spearmanr", "eval/combined_score"},
+    "mrpc": {"eval/accuracy", "eval/f1", "eval/combined_score"}, "qqp": {"eval/accuracy", "eval/f1", "eval/combined_score"},
+    "sst2": {"eval/accuracy"}, "rte": {"eval/accuracy"}, "qnli": {"eval/accuracy"}, "wnli": {"eval/accuracy"},
+    "mnli": {"eval/accuracy"},
+}
+
+
+def test_there_is_a_sweep_for_each_job():
+    names = {os.path.basename(p) for p in YAMLS}
+    programs = {yaml.safe_load(open(p))["program"] for p in YAMLS}
+    assert {"run_mlm.py", "fine_tune_glue.py"} <= programs
+    assert any("accelerate" in open(p).read() for p in YAMLS)
+    for task in ("sst2", "cola", "mrpc", "stsb", "rte"):
+        assert f"glue_{task}.yaml" in names
+
+
+def sample_values(spec):
+    """A few values from each parameter form, as Python objects the way the agent produces them."""
+    if "value" in spec:
+        return [spec["value"]]
+    if "values" in spec:
+        return list(spec["values"])
+    low, high = spec["min"], spec["max"]
+    if isinstance(low, int) and isinstance(high, int) and spec.get("distribution", "int_uniform").startswith(("int", "q_")):
+        return [low, high, (low + high) // 2]
+    return [float(low), float(high), (float(low) + float(high)) / 2]
+
+
+def argument_types(program):
+    module = importlib.import_module(program[:-3])
+    own = [obj for obj in vars(module).values()
+           if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__
+           and obj.__name__.endswith("Arguments")]
+    training = [obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, TrainingArguments)]
+    return (ModelArguments, DataArguments, *own, max(training, key=lambda t: len(t.__mro__)))
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
+def test_yaml_follows_wandb_rules(path):
+    text = open(path).read()
+    config = yaml.safe_load(text)
+    sweep.validate_config(config, cwd=ROOT)  # W&B's schema: keys, methods, parameter forms
+    assert "log_uniform:" not in text.replace("log_uniform_values", ""), "use log_uniform_values"
+    assert not re.search(r"\b\d+e-?\d+\b", re.sub(r"\d\.\d+e", "", text)), "write floats as 1.0e-5 so YAML reads numbers"
+    for name, spec in config["parameters"].items():
+        for key in ("min", "max"):
+            if key in spec and spec.get("distribution", "") not in ("int_uniform",) and not isinstance(spec[key], int):
+                assert isinstance(spec[key], float), f"{name}.{key} must be a number, not {spec[key]!r}"
+    assert isinstance(config["command"], list) and "command: [" not in text, "commands in block style"
+    assert "${args}" in config["command"] and "${args_no_boolean_flags}" not in text
+    assert os.path.exists(os.path.join(ROOT, config["program"]))
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
+def test_every_parameter_parses_as_wandb_renders_it(path):
+    config = yaml.safe_load(open(path))
+    program = config["program"]
+    if not os.path.exists(os.path.join(ROOT, program)):
+        pytest.skip(f"{program} not written yet")
+    types = argument_types(program)
+    fixed = sweep.render_command(config["command"], program, {}, environ={})
+    fixed = fixed[fixed.index(program) + 1:]
+    for name, spec in config["parameters"].items():
+        for value in sample_values(spec):
+            argv = sweep.render_command(config["command"], program, {name: value}, environ={})
+            argv = argv[argv.index(program) + 1:]
+            assert f"--{name}={value}" in argv
+            parsed = parse_args(types, argv)
+            got = [getattr(obj, name) for obj in parsed if hasattr(obj, name)]
+            assert got, f"--{name} is not a flag of {program}"
+            assert got[0] == value or str(got[0]) == str(value) or float(got[0]) == float(value), (name, value, got)
+    assert parse_args(types, fixed)  # the fixed part of the command parses on its own too
+
+    metric = config["metric"]["name"]
+    task = next((a.split("=", 1)[1] for a in fixed if a.startswith("--task_name=")), None)
+    logged = GLUE_KEYS[task] if task else LOGGED[program]
+    assert metric in logged, f"{metric} is not a key {program} logs (it logs {sorted(logged)})"
+    if "goal" in config["metric"]:
+        assert config["metric"]["goal"] == ("minimize" if metric.endswith("loss") else "maximize")
