@@ -262,6 +262,18 @@ def _wants_bf16_on_cpu_only_machine(argv):
     return False
 
 
+def _launched_multi_process_without_gpu(argv):
+    """torchrun / accelerate launch with several processes on a machine with no GPU. Unless told use_cpu,
+    accelerate sets up no process group there, so every rank silently trains alone and all of them write
+    the same files; with use_cpu the ranks form one gloo group."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.split("=")[0] in ("--use_cpu", "--no_cuda") for a in argv):
+        return False
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 also knows XPU, NPU, ...
+    return not (accelerator.is_available() if accelerator else torch.cuda.is_available())
+
+
 def parse_args(dataclass_types, argv=None):
     """Parse CLI flags and/or a config file into the given dataclasses (in that order)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -272,7 +284,7 @@ def parse_args(dataclass_types, argv=None):
         argv = _file_to_argv(argv[0], known_with_legacy) + argv[1:]
     _check_unknown(argv, known_with_legacy)
     argv = _translate_legacy(argv, known)
-    if "use_cpu" in known and _wants_bf16_on_cpu_only_machine(argv):
+    if "use_cpu" in known and (_wants_bf16_on_cpu_only_machine(argv) or _launched_multi_process_without_gpu(argv)):
         argv.append("--use_cpu=True")  # TrainingArguments refuses bf16 without a GPU unless told to use the CPU
     try:
         outputs = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

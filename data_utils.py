@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from transformers import DataCollatorForLanguageModeling
+from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 
 from arguments import UserError
@@ -109,6 +109,93 @@ def _load_file(path, flag, cache_dir, streaming):
     except Exception as err:  # a parse error of a user's file: name the file and the reason
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise UserError(f"{flag} {path!r} could not be read as {extension}: {reason}") from err
+
+
+def load_data_file(path, flag, cache_dir=None):
+    """One local data file (any extension in FILE_BUILDERS) as a Dataset; a bad file raises UserError."""
+    return _load_file(path, flag, cache_dir, streaming=False)
+
+
+def read_glue_tsv(path, flag, names_if_no_header=None):
+    """A TSV file of the original GLUE download as a Dataset of string columns named by its header.
+
+    GLUE's files need what generic CSV readers do not do by default: sentences hold bare `"` (so no
+    quoting at all), MRPC starts with a UTF-8 byte-order mark, and CoLA's train/dev files have no header
+    row. For those, pass the column names: a first row that shares no cell with them is read as data.
+    Rows whose cell count differs from the header's are skipped with a warning.
+    """
+    import csv
+
+    check_data_file(path, flag)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = [row for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
+    if not rows:
+        raise UserError(f"{flag} {path!r} holds no rows; give a file with data")
+    has_header = names_if_no_header is None or set(rows[0]) & set(names_if_no_header)
+    header = rows.pop(0) if has_header else list(names_if_no_header)
+    good = [row for row in rows if len(row) == len(header)]
+    if len(good) < len(rows):
+        logger.warning("%s: skipped %d of %d rows without %d tab-separated cells", path, len(rows) - len(good),
+                       len(rows), len(header))
+    return Dataset.from_dict({name: [row[i] for row in good] for i, name in enumerate(header)})
+
+
+# The original GLUE download: one folder per task; MNLI has matched and mismatched dev/test sets ("_mm").
+GLUE_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
+MNLI_FILES = {"train": "train.tsv", "validation": "dev_matched.tsv", "validation_mm": "dev_mismatched.tsv",
+              "test": "test_matched.tsv", "test_mm": "test_mismatched.tsv"}
+HUB_GLUE_SPLITS = {"validation_matched": "validation", "validation_mismatched": "validation_mm",
+                   "test_matched": "test", "test_mismatched": "test_mm"}  # nyu-mll/glue's MNLI split names
+COLA_TSV_COLUMNS = ("source", "label", "original_label", "sentence")  # CoLA's train/dev files have no header
+DO_FLAGS = {"train": "--do_train", "validation": "--do_eval", "test": "--do_predict"}
+
+
+def load_glue_splits(wanted, files, task_name=None, data_dir=None, dataset_name=None, dataset_config_name=None,
+                     cache_dir=None, token=None, validation_split_percentage=0, seed=42):
+    """Raw splits train, validation, test (MNLI also validation_mm, test_mm) that `wanted` asks for, from
+    `files` ({split: path}), else a GLUE task folder `data_dir`, else the Hub (`dataset_name`, or nyu-mll/glue
+    for a GLUE task). With a task name, .tsv files are read in GLUE's own layout (read_glue_tsv). Without
+    validation data, `validation_split_percentage` percent of train is held out (shuffled with `seed`)."""
+    wanted = dict(wanted, validation_mm=wanted["validation"], test_mm=wanted["test"])
+    paths = {split: (path, f"--{split}_file") for split, path in files.items() if path and wanted[split]}
+    glue_files = (MNLI_FILES if task_name == "mnli" else GLUE_FILES) if data_dir else {}
+    for split, name in glue_files.items():
+        if wanted[split] and split not in paths and os.path.isfile(os.path.join(data_dir, name)):
+            paths[split] = (os.path.join(data_dir, name), "--data_dir")
+    if paths or data_dir:
+        headerless = COLA_TSV_COLUMNS if task_name == "cola" else None
+        raw = {split: read_glue_tsv(path, flag, headerless) if task_name and path.lower().endswith(".tsv")
+               else load_data_file(path, flag, cache_dir) for split, (path, flag) in paths.items()}
+    elif task_name or dataset_name:
+        name = dataset_name or "nyu-mll/glue"
+        try:
+            hub = load_dataset(name, dataset_config_name or task_name, cache_dir=cache_dir, token=token)
+        except Exception as err:  # offline, or a typo in the name
+            raise UserError(f"could not load {name} from the Hub ({str(err).strip()[:200] or type(err).__name__}); "
+                            "offline, give --data_dir path/to/glue_data/<TASK> or --train_file/--validation_file")
+        raw = {HUB_GLUE_SPLITS.get(s, s): d for s, d in hub.items() if wanted.get(HUB_GLUE_SPLITS.get(s, s))}
+    else:
+        raise UserError("no data: give --task_name (GLUE), --dataset_name, or --train_file/--validation_file")
+    # A GLUE folder must hold its dev set; elsewhere a share of train may stand in for a missing one.
+    if wanted["validation"] and "validation" not in raw and "train" in raw and validation_split_percentage and not data_dir:
+        held_out = raw["train"].train_test_split(validation_split_percentage / 100, seed=seed)
+        raw["train"], raw["validation"] = held_out["train"], held_out["test"]
+    for split, flag in DO_FLAGS.items():
+        if wanted[split] and split not in raw:
+            where = f"--data_dir {data_dir!r} has no {glue_files[split]}" if data_dir else f"there is no {split} data"
+            raise UserError(f"{where}, which {flag} needs; give --{split}_file" + " or a GLUE task folder" * bool(task_name))
+    return raw
+
+
+class Seq2SeqCollator(DataCollatorForSeq2Seq):
+    """DataCollatorForSeq2Seq that leaves `labels` out of unlabelled batches (a test set): transformers 5 sets
+    labels=None there, and Seq2SeqTrainer's predict then runs the model for a loss without them and fails."""
+
+    def __call__(self, features, return_tensors=None):
+        batch = super().__call__(features, return_tensors)
+        if batch.get("labels", 0) is None:
+            del batch["labels"]
+        return batch
 
 
 def load_raw_datasets(model_args, data_args, seed=42):

@@ -143,7 +143,10 @@ def main(argv=None):
     # 4. Model and tokenizer
     config = load_config(model_args)
     limit = getattr(config, "max_position_embeddings", 1024)
-    tokenizer = load_tokenizer(model_args, data_args, mlm_args, training_args, raw_datasets, text_column, limit)
+    # Several processes: the first trains and saves the tokenizer, the others then load that copy, so every
+    # rank has the same vocabulary and no two write one folder at once.
+    with training_args.main_process_first(local=False, desc="tokenizer"):
+        tokenizer = load_tokenizer(model_args, data_args, mlm_args, training_args, raw_datasets, text_column, limit)
     if tokenizer.mask_token is None:
         raise UserError("the tokenizer has no mask token, so it cannot do masked-LM; pick a BERT/RoBERTa-style tokenizer")
     max_seq_length = data_args.max_seq_length or min(tokenizer.model_max_length, limit, 1024)

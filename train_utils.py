@@ -4,6 +4,7 @@ throughput/MFU and sweep-metrics callbacks, the W&B run config, and results file
 Nothing here is a place students are expected to edit; the task-specific code stays in the scripts.
 """
 
+import inspect
 import json
 import logging
 import math
@@ -49,7 +50,9 @@ def finalize_training_args(training_args, argv, script_name):
         training_args.output_dir = default_output_dir(script_name)
     if os.environ.get("WANDB_SWEEP_ID") and "--report_to" not in given and training_args.report_to in ([], ["none"], "none", None):
         training_args.report_to = ["wandb"]  # launched by `wandb agent`: the sweep needs the metrics in W&B
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+    # transformers turns do_eval on by itself for any --eval_strategy but "no": that alone asks for no eval-only run
+    asked_eval = training_args.do_eval and ("--do_eval" in given or training_args.eval_strategy == "no")
+    if not (training_args.do_train or asked_eval or training_args.do_predict):
         training_args.do_train = training_args.do_eval = True  # nothing asked for: do the whole job
     if training_args.include_num_input_tokens_seen in ("no", False):
         training_args.include_num_input_tokens_seen = "all"  # feeds train/tokens_per_second and train/mfu
@@ -209,9 +212,16 @@ def cached_peak_flops(dtype, device="cpu"):
     if key not in known:
         known[key] = measure_peak_flops(dtype, device=device)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        tmp = f"{path}.tmp{os.getpid()}"  # the ranks of a multi-process run measure at once: never a torn file
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(known, f, indent=1)
+        os.replace(tmp, path)
     return known[key]
+
+
+def _numel(param):
+    # Under DeepSpeed ZeRO-3 a rank holds an empty placeholder; the full size is kept in ds_numel.
+    return getattr(param, "ds_numel", None) or param.numel()
 
 
 def transformer_flops_per_token(model, seq_len, head_fraction=1.0):
@@ -220,8 +230,8 @@ def transformer_flops_per_token(model, seq_len, head_fraction=1.0):
     Chowdhery et al. 2022, App. B), plus the output projection at the share of positions where it runs.
     """
     config = model.config
-    embedding_params = sum(p.numel() for n, p in model.named_parameters() if "embed" in n or "shared" in n)
-    body_params = sum(p.numel() for p in model.parameters()) - embedding_params
+    embedding_params = sum(_numel(p) for n, p in model.named_parameters() if "embed" in n or "shared" in n)
+    body_params = sum(_numel(p) for p in model.parameters()) - embedding_params
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model")
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0) + getattr(config, "num_decoder_layers", 0)
     vocab = config.vocab_size
@@ -241,7 +251,7 @@ def encoder_decoder_flops_per_token(model, input_length, target_length):
     config = model.config
 
     def weights(stack):  # embeddings are lookups, not matmuls
-        return sum(p.numel() for name, p in stack.named_parameters() if "embed" not in name)
+        return sum(_numel(p) for name, p in stack.named_parameters() if "embed" not in name)
 
     n, t = input_length, target_length
     width = getattr(config, "num_heads", 0) * getattr(config, "d_kv", 0) or config.d_model
@@ -257,25 +267,53 @@ class ThroughputCallback(TrainerCallback):
 
     Tokens are those the Trainer counted (`include_num_input_tokens_seen`), so the figure is exact
     under gradient accumulation and multiple processes.
+
+    Also train/seconds_to_first_step, once, with the first training log: seconds from the start of the
+    process to the end of its first optimizer step (imports, data and tokenizer loading or building,
+    model set-up, one step). It is the fixed cost every sweep trial pays, so it is printed as well.
     """
 
     def __init__(self, flops_per_token=None, peak_flops=None):
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._last = None
+        self._seconds_to_first_step = None  # measured at the first step, waiting for the next log
+        self._saw_first_step = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (time.perf_counter(), state.num_input_tokens_seen or 0)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._saw_first_step:
+            return
+        self._saw_first_step = True
+        import psutil  # comes with accelerate; the process start time, not the import of this module
+
+        seconds = time.time() - psutil.Process().create_time()
+        self._seconds_to_first_step = round(seconds, 2)
+        if state.is_world_process_zero:
+            logger.info("First training step done %.1f s after the process started", seconds)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self._last is None:
             return
+        added = {}
         now, tokens = time.perf_counter(), state.num_input_tokens_seen or 0
         seconds = now - self._last[0]
         if seconds > 0 and tokens > self._last[1]:
             tokens_per_second = (tokens - self._last[1]) / seconds
-            logs["tokens_per_second"] = round(tokens_per_second, 1)
+            added["tokens_per_second"] = round(tokens_per_second, 1)
             if self.flops_per_token and self.peak_flops:
-                logs["mfu"] = round(tokens_per_second * self.flops_per_token / self.peak_flops, 4)
+                # The token count is summed over all processes, the peak is one device's.
+                peak = self.peak_flops * args.world_size
+                added["mfu"] = round(tokens_per_second * self.flops_per_token / peak, 4)
+        if self._seconds_to_first_step is not None:
+            added["seconds_to_first_step"] = self._seconds_to_first_step
+            self._seconds_to_first_step = None
+        logs.update(added)
+        # The Trainer put its copy of `logs` into the log history before calling callbacks; without this
+        # trainer_state.json would lack the figures that W&B and the console show.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(added)
         self._last = (now, tokens)
 
 
@@ -328,8 +366,24 @@ class RunConfigCallback(TrainerCallback):
                 wandb.config.setdefaults(self.config)
 
 
+def match_loss_scaling(trainer):
+    """Tell the Trainer whether the model's loss divides by the `num_items_in_batch` it is given.
+
+    transformers assumes so for every model whose forward takes **kwargs: it then multiplies the loss by
+    the number of processes and skips the division by gradient-accumulation steps. BERT's and T5's heads
+    return a plain mean and ignore the count, so with N processes their losses, gradients, eval loss and
+    perplexity all came out N times too large. Only a forward that names the argument (our sparse MLM
+    head) keeps the count; other models get plain means, which DDP averages like a single-process run.
+    """
+    forward = trainer.accelerator.unwrap_model(trainer.model).forward
+    if "num_items_in_batch" not in inspect.signature(forward).parameters:
+        trainer.model_accepts_loss_kwargs = False
+
+
 def add_callbacks(trainer, config, flops_per_token=None, peak_flops=None):
-    """Attach our callbacks. The throughput one goes first so its numbers reach W&B and the console."""
+    """Attach our callbacks (the throughput one first, so its numbers reach W&B and the console), and fit the
+    Trainer's loss scaling to the model (match_loss_scaling): every script calls this before training."""
+    match_loss_scaling(trainer)
     trainer.callback_handler.callbacks.insert(0, ThroughputCallback(flops_per_token, peak_flops))
     trainer.add_callback(RunConfigCallback(config))
     if os.environ.get("SWEEP_METRICS_FILE"):
@@ -406,6 +460,48 @@ class SaveOnEvalCallback(TrainerCallback):
                 state.save_steps = round(args.save_steps / eval_steps) * state.eval_steps
 
 
+def parse_args_checking_best_model(dataclass_types, argv):
+    """arguments.parse_args, then check_best_model_settings. transformers' own check of --load_best_model_at_end
+    names no fix and rejects fractions such as 0.3 / 0.1 (a float remainder), so its error is set aside and
+    the settings are judged here. TrainingArguments must be among the dataclasses."""
+    from arguments import parse_args
+
+    try:
+        outputs = parse_args(dataclass_types, argv)
+    except UserError as err:
+        if "load_best_model_at_end" not in str(err):
+            raise
+        outputs = parse_args(dataclass_types, list(argv) + ["--load_best_model_at_end=false"])
+        next(o for o in outputs if isinstance(o, transformers.TrainingArguments)).load_best_model_at_end = True
+    check_best_model_settings(next(o for o in outputs if isinstance(o, transformers.TrainingArguments)))
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classification heads: a checkpoint's own label names
+# ---------------------------------------------------------------------------------------------------
+
+def model_label_names(config):
+    """The checkpoint's label names by class id, or None if it has only the placeholders LABEL_0, LABEL_1, ..."""
+    names = [str(config.id2label[i]) for i in sorted(config.id2label)] if config.id2label else []
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def align_with_model_labels(names, config, must_match):
+    """The model's class id for each of `names`. As in Hugging Face's examples, a checkpoint whose labels have
+    the same names (any case) keeps its order; other names are ignored with a warning, or, when the model
+    is only evaluated (`must_match`), raise UserError."""
+    existing = model_label_names(config)
+    if existing and sorted(n.lower() for n in existing) == sorted(n.lower() for n in names):
+        return [[n.lower() for n in existing].index(name.lower()) for name in names]
+    if existing and must_match:
+        raise UserError(f"the model's labels ({', '.join(existing)}) are not the data's ({', '.join(names)}); "
+                        "evaluate on data with the model's labels, or fine-tune first (--do_train)")
+    if existing:
+        logger.warning("Ignoring the model's labels %s: they are not the data's %s", existing, names)
+    return list(range(len(names)))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Masked-LM head only where there are labels
 # ---------------------------------------------------------------------------------------------------
@@ -471,15 +567,23 @@ class PreemptionCallback(TrainerCallback):
     step, save a checkpoint, stop. A second signal exits at once. Under several processes the flag is
     shared, so every rank stops at the same step and the collective checkpoint save cannot deadlock."""
 
+    # One stop request often arrives twice within milliseconds: Slurm signals every process of a job step
+    # (the workers too), and torchrun forwards the signal it got to the workers. Such an echo is no
+    # "second signal", or no multi-process run would ever write its checkpoint.
+    REPEAT_WINDOW_SECONDS = 2.0
+
     def __init__(self):
         self.signal_number = None
+        self._stop_time = None
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.signal_number is not None:  # second signal: the user means it
+            if time.monotonic() - self._stop_time < self.REPEAT_WINDOW_SECONDS:
+                return
             print(f"\nsignal {signum} again: exiting now without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.signal_number = signum
+        self.signal_number, self._stop_time = signum, time.monotonic()
         print(f"\nsignal {signum}: finishing this step, then saving a checkpoint (send again to exit at once)",
               file=sys.stderr, flush=True)
 
@@ -495,7 +599,7 @@ class PreemptionCallback(TrainerCallback):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop = bool(flag.item())
             if stop and self.signal_number is None:
-                self.signal_number = signal.SIGTERM  # another rank was signalled
+                self.signal_number, self._stop_time = signal.SIGTERM, time.monotonic()  # another rank was signalled
         if stop:
             control.should_save = True
             control.should_training_stop = True
@@ -558,5 +662,8 @@ def train(trainer, resume_from_checkpoint=None):
         if trainer.is_world_process_zero():
             print(f"\nInterrupted by signal {preemption.signal_number} at step {trainer.state.global_step}. "
                   f"Checkpoint: {path}\nRun the same command again to resume.", file=sys.stderr, flush=True)
+        # Rank 0 may still be writing the checkpoint; a rank that exits non-zero before it is done makes
+        # torchrun terminate the others, rank 0 included.
+        trainer.accelerator.wait_for_everyone()
         raise SystemExit(128 + preemption.signal_number)
     return result

@@ -1,0 +1,138 @@
+"""Benchmark: training throughput of run_span_t5.py's small T5 (configs/t5-small.json, T5 v1.1 small, 77M
+parameters) and the span-corruption collator's share of a training step.
+
+    python benchmarks/t5_train.py                       # n=512, batch 32 on a GPU; batch 4 on a CPU
+    python benchmarks/t5_train.py --batch 8 --steps 5 --config t5-tiny
+    python benchmarks/t5_train.py --quick               # t5-tiny, n=128, batch 8: a smoke test
+
+One training step is what run_span_t5.py's Trainer does per batch: collate (span corruption of packed rows),
+forward and backward, AdamWScale update. The collator is timed on its own and reported as a share of the
+step; on a GPU it runs on the CPU before the step, so its share is time the accelerator could wait.
+Tokens per second count encoder input tokens (as the Trainer's train/tokens_per_second does) and, for
+reference, encoder plus decoder tokens. Other code can call `run(...)`.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (REPO_ROOT, os.path.join(REPO_ROOT, "benchmarks")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import t5_collator  # noqa: E402
+import train_utils  # noqa: E402
+from data_utils import DataCollatorForT5SpanCorruption  # noqa: E402
+from run_span_t5 import AdamWScale, untie_output_layer  # noqa: E402
+from transformers import AutoConfig, AutoModelForSeq2SeqLM  # noqa: E402
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_training(config_name, batch, input_length, steps, dtype, device, seed=0, measure_mfu=True):
+    """Median ms of a training step (collator excluded) and of collating one batch, for one dtype."""
+    torch.manual_seed(seed)
+    tokenizer = t5_collator.make_tokenizer()  # sentinels and </s> only: enough to collate
+    config = AutoConfig.from_pretrained(os.path.join(REPO_ROOT, "configs", f"{config_name}.json"))
+    config.vocab_size = 32128  # T5's vocabulary, rounded up as run_span_t5.py does: the output layer's real cost
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    untie_output_layer(model)  # as run_span_t5.py does for a v1.1 config from scratch
+    model.to(device).train()
+    optimizer = AdamWScale(model.parameters(), lr=1e-3)
+    collator = DataCollatorForT5SpanCorruption(tokenizer, input_length=input_length, seed=seed)
+    # Rows as the script hands them over: numpy arrays from a dataset in numpy format.
+    rows = np.random.default_rng(seed).integers(3, 32000, size=(batch, collator.raw_length), dtype=np.int64)
+    examples = [{"input_ids": row} for row in rows]
+
+    def step(inputs):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step_times, collate_times = [], []
+    warmup = 2 if device == "cuda" else 1  # allocator, kernel selection (and cuBLAS autotuning)
+    for i in range(steps + warmup):
+        start = time.perf_counter()
+        inputs = collator(examples)
+        collated = time.perf_counter()
+        inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
+        step(inputs)
+        _sync(device)
+        if i >= warmup:
+            collate_times.append(collated - start)
+            step_times.append(time.perf_counter() - collated)
+    flops = train_utils.encoder_decoder_flops_per_token(model, input_length, collator.target_length)
+    # CPUs without bf16 matmul units emulate it: a "peak" measured that way makes MFU meaningless.
+    measure_mfu = measure_mfu and (device == "cuda" or dtype == torch.float32)
+    peak = train_utils.cached_peak_flops(dtype, device) if measure_mfu else None
+    step_ms, collate_ms = statistics.median(step_times) * 1000, statistics.median(collate_times) * 1000
+    tokens = batch * input_length
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "step_ms": step_ms,
+        "tokens_per_second": tokens / step_ms * 1000,
+        "all_tokens_per_second": batch * (input_length + collator.target_length) / step_ms * 1000,
+        "mfu": tokens / step_ms * 1000 * flops / peak if peak else None,
+        "collator_ms": collate_ms,
+        "collator_share": collate_ms / (step_ms + collate_ms),
+        "target_length": collator.target_length,
+    }
+
+
+def run(quick=False, config="t5-small", batch=None, input_length=512, steps=None, device=None):
+    """Time fp32 and bf16 training steps; returns a dict with one row per dtype and the collator benchmark."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if quick:
+        config, input_length, batch, steps = "t5-tiny", 128, batch or 2, steps or 1
+    # 32 x 512 is the batch the collator target refers to; one such step of the 77M model takes minutes on
+    # 2 CPU cores, so CPUs get batch 4 (the collator's share barely depends on the batch: collating and the
+    # step both grow in proportion to it).
+    batch = batch or (32 if device == "cuda" else 4)
+    steps = steps or (10 if device == "cuda" else 2)
+    rows = [time_training(config, batch, input_length, steps, dtype, device, measure_mfu=not quick)
+            for dtype in (torch.float32, torch.bfloat16)]
+    reference = t5_collator.run(batch=32, input_length=512, repeats=20 if quick else 100)
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "config": config, "batch": batch, "input_length": input_length, "steps": steps, "rows": rows,
+        "collator_vs_per_row": {k: reference[k] for k in ("vectorized_ms", "per_row_ms", "speedup")},
+    }
+
+
+def print_table(result):
+    print(f"{result['config']} on {result['device']}: batch {result['batch']}, n={result['input_length']} "
+          f"(targets {result['rows'][0]['target_length']}), median of {result['steps']} steps")
+    print(f"{'dtype':<9}{'step ms':>10}{'enc tok/s':>12}{'all tok/s':>12}{'MFU':>8}{'collate ms':>12}{'share':>8}")
+    for row in result["rows"]:
+        mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
+        print(f"{row['dtype']:<9}{row['step_ms']:>10.1f}{row['tokens_per_second']:>12.0f}{row['all_tokens_per_second']:>12.0f}"
+              f"{mfu:>8}{row['collator_ms']:>12.2f}{row['collator_share']:>8.2%}")
+    ref = result["collator_vs_per_row"]
+    print(f"collator, batch 32, n=512: vectorized {ref['vectorized_ms']:.2f} ms, per-row {ref['per_row_ms']:.2f} ms, "
+          f"speed-up {ref['speedup']:.1f}x (benchmarks/t5_collator.py)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="t5-small", help="a preset under configs/ (without .json)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--input-length", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print_table(run(args.quick, args.config, args.batch, args.input_length, args.steps))
+
+
+if __name__ == "__main__":
+    main()
