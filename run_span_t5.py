@@ -2,14 +2,14 @@
 
 Runnable commands:
     python run_span_t5.py                               # offline demo: tiny T5 v1.1, Unigram tokenizer trained on
-                                                        # the fly, Python's own docs as corpus, ~3 minutes on 2 CPU cores
+                                                        # the fly, Python's own docs as corpus, 2-3 minutes on 2 CPU cores
     python run_span_t5.py --config_name configs/t5-small.json --dataset_name Salesforce/wikitext \
         --dataset_config_name wikitext-103-raw-v1 --max_seq_length 512 --per_device_train_batch_size 128 \
         --t5_optimizer adamwscale --learning_rate 2e-2 --warmup_steps 10000 --max_steps 65536 --bf16 --output_dir out/t5-small
     python run_span_t5.py --model_name_or_path google/t5-v1_1-small --train_file corpus.txt --validation_file dev.txt \
         --t5_optimizer adafactor --learning_rate 1e-3 --lr_scheduler_type constant --bf16 --output_dir out/t5-cont
-    python run_span_t5.py --model_type t5 --config_overrides "d_model=256,d_ff=512,num_layers=4,num_heads=4,d_kv=64,\
-feed_forward_proj=gated-gelu,tie_word_embeddings=false" --train_file corpus.txt --output_dir out/t5-custom
+    python run_span_t5.py --model_type t5 --train_file corpus.txt --output_dir out/t5-custom \
+        --config_overrides "d_model=256,d_ff=512,num_layers=4,feed_forward_proj=gated-gelu,tie_word_embeddings=false"
     python run_span_t5.py config.yaml --learning_rate 1e-2  # flags from a .json/.yaml file, CLI wins
     torchrun --nproc_per_node 2 run_span_t5.py ...       # or: accelerate launch run_span_t5.py ...
 
@@ -55,8 +55,8 @@ DEMO_ARGS = [
     "--warmup_steps=0.05", "--num_train_epochs=3", "--logging_steps=20", "--eval_on_start", "--save_steps=100",
     "--save_total_limit=2",
 ]
-# Learning rates of the recipes behind --t5_optimizer, used when --learning_rate is not given: T5's constant
-# Adafactor rate (Raffel et al. 2020, 3.1.2) and nanoT5's peak rate for AdamW with scaled steps.
+# Learning rates of the recipes behind --t5_optimizer, used when --learning_rate is not given: T5's Adafactor rate
+# (0.01, held for the first 10^4 steps; Raffel et al. 2020, 3.1.2) and nanoT5's peak rate for AdamW with scaled steps.
 RECIPE_LEARNING_RATES = {"adafactor": 1e-2, "adamwscale": 2e-2}
 
 
@@ -134,7 +134,7 @@ class AdamWScale(torch.optim.Optimizer):
 
 
 def flags_given(argv):
-    """Names of the flags set on the command line or in a leading .json/.yaml file (defaults that depend on them)."""
+    """Names of the flags the user set, on the command line or in a leading .json/.yaml file."""
     names = {item[2:].split("=")[0] for item in argv if item.startswith("--")}
     if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_FILE_EXTENSIONS):
         with open(argv[0], encoding="utf-8") as f:

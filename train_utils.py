@@ -182,7 +182,10 @@ def measure_peak_flops(dtype=torch.float32, size=2048, seconds=1.0, device="cpu"
     """Matrix-multiply throughput (FLOP/s) of this machine: the physical limit MFU is measured against."""
     generator = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: runs stay reproducible
     a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
-    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    # Transposed, as nn.Linear multiplies (x @ W.T). CPUs without bf16 matrix units run a bf16 `a @ b` of
+    # two row-major operands up to 40x slower than `a @ b.T`: measuring that took minutes and gave a peak
+    # below what training reaches. In fp32, and on GPUs, both layouts run at the same speed.
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator).t()
     torch.matmul(a, b)  # warm-up: thread pool start, kernel selection
     if device != "cpu":
         torch.cuda.synchronize()
@@ -202,7 +205,7 @@ def cached_peak_flops(dtype, device="cpu"):
     cpu = platform.processor() or platform.machine()
     if device != "cpu":
         cpu = torch.cuda.get_device_name()
-    key = f"{cpu}|{torch.get_num_threads()}|{dtype}|{torch.__version__}|{device}"
+    key = f"{cpu}|{torch.get_num_threads()}|{dtype}|{torch.__version__}|{device}|x@w.T"  # layout: see measure_peak_flops
     path = os.path.join(cache_root(), "peak_flops.json")
     try:
         with open(path, encoding="utf-8") as f:

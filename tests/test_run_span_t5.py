@@ -98,11 +98,24 @@ def test_each_optimizer_trains_with_its_recipe_defaults(tmp_path, text_corpus, o
     assert (config["learning_rate"], config["lr_scheduler_type"]) == (lr, schedule)
 
 
-def test_optimizer_flags_given_by_the_user_win(tmp_path, text_corpus):
+def test_flags_given_by_the_user_win(tmp_path, text_corpus):
     run(tmp_path, text_corpus, "--t5_optimizer=adamwscale", "--learning_rate=3e-3", "--lr_scheduler_type=constant",
-        "--max_steps=1", "--save_strategy=no", "--do_train")
+        "--dropout_rate=0.1", "--max_steps=1", "--save_strategy=no", "--do_train")
     config = json.loads((tmp_path / "out" / "run_info.json").read_text())["config"]
     assert (config["learning_rate"], config["lr_scheduler_type"]) == (3e-3, "constant")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dropout_rate"] == 0.1
+
+
+def test_recipe_defaults_see_flags_in_a_config_file(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("t5_optimizer: adamwscale\nlearning_rate: 0.005\n")
+    assert {"t5_optimizer", "learning_rate", "output_dir"} <= run_span_t5.flags_given([str(config), "--output_dir=x"])
+    assert run_span_t5.flags_given(["--config_name=configs/t5-tiny.json"]) == {"config_name"}
+
+
+def test_bf16_trains(tmp_path, text_corpus):
+    metrics = run(tmp_path, text_corpus, "--bf16", "--max_steps=2", "--save_strategy=no")
+    assert math.isfinite(metrics["eval_loss"])
 
 
 def test_adamwscale_resumes_from_checkpoint(tmp_path, text_corpus, caplog):
@@ -211,14 +224,14 @@ def test_wikitext_loss_falls_well_below_untrained(tmp_path):
         f"--config_name={ROOT}/configs/t5-tiny.json", "--tokenizer_vocab_size=4000",
         f"--train_file={data}/wiki.test.raw", f"--validation_file={data}/wiki.valid.raw",
         "--max_seq_length=64", "--per_device_train_batch_size=32", "--per_device_eval_batch_size=64",
-        "--max_eval_samples=256", "--max_steps=200", "--t5_optimizer=adamwscale", "--warmup_steps=20",
+        "--max_eval_samples=256", "--max_steps=150", "--t5_optimizer=adamwscale", "--warmup_steps=15",
         "--eval_on_start", "--seed=42", "--logging_steps=50", "--save_strategy=no", "--report_to=none",
         "--disable_tqdm=True", f"--output_dir={tmp_path / 'wiki'}",
     ])
     history = json.loads((tmp_path / "wiki" / "trainer_state.json").read_text())["log_history"]
     initial = next(h["eval_loss"] for h in history if h["step"] == 0 and "eval_loss" in h)
     final = metrics["eval_loss"]
-    print(f"wikitext span-corruption eval loss: {initial:.3f} at step 0 -> {final:.3f} after 200 steps, "
+    print(f"wikitext span-corruption eval loss: {initial:.3f} at step 0 -> {final:.3f} after 150 steps, "
           f"accuracy {metrics['eval_accuracy']:.3f}")
     assert final < 0.6 * initial
 

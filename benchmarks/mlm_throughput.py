@@ -1,0 +1,439 @@
+"""Benchmark: run_mlm.py training throughput, MFU and peak memory, our sparse MLM head against the Hugging Face
+approach (dense head over every position), fp32 and bf16, plus the perplexity parity check and a profile.
+
+    python benchmarks/mlm_throughput.py                 # BERT-mini (configs/bert-mini.json), seq 128, batch 32
+    python benchmarks/mlm_throughput.py --quick         # batch 4, a few steps: a smoke test
+    python benchmarks/mlm_throughput.py --profile fp32  # torch.profiler table of one training step
+
+Each variant is one `python run_mlm.py ...` process (so peak memory is that run's own), identical but for
+`--sparse_mlm_head` and `--bf16`: same tokenizer (30,522 WordPiece ids), data, seed and steps. Throughput is
+read from the Trainer's log history (train_utils.ThroughputCallback's tokens_per_second, one log per step)
+over the steps after the warm-up. MFU = tokens/s x train_utils.transformer_flops_per_token / peak, the peak
+being the best matrix-multiply rate measured on this machine (benchmarks/run.py passes it in).
+Other code can call `run(quick=False, peaks=None)`, `profile_step(...)` and `experiments(...)`.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
+MODEL_CONFIG = os.path.join(REPO_ROOT, "configs", "bert-mini.json")
+VOCAB_SIZE = 30522  # BERT's uncased WordPiece vocabulary: the output layer's real cost
+SEQ_LEN = 128
+
+VARIANTS = {  # name -> --sparse_mlm_head
+    "ours (sparse head)": True,
+    "HF (dense head)": False,
+}
+
+
+def offline_env(cache_dir):
+    """Environment for child processes: no network, no W&B, our caches in `cache_dir`."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
+               HF_SCRIPTS_CACHE=cache_dir, PYTHONUNBUFFERED="1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked map workers would warn and fall back anyway
+    return env
+
+
+def corpus_files(cache_dir=None):
+    """(train, eval, description): WikiText-2 raw from ../shared, else the embedded Python-docs corpus."""
+    folder = os.path.join(SHARED, "data", "wikitext-2-raw")
+    train, valid = os.path.join(folder, "wiki.test.raw"), os.path.join(folder, "wiki.valid.raw")
+    if os.path.isfile(train) and os.path.isfile(valid):
+        return train, valid, "WikiText-2 raw (train: wiki.test.raw, eval: wiki.valid.raw)"
+    import data_utils
+
+    train, valid = data_utils.write_embedded_corpus(cache_dir)
+    return train, valid, "embedded corpus (pydoc_data.topics; ../shared WikiText not found)"
+
+
+def bench_tokenizer(cache_dir):
+    """(path, description) of a 30,522-id WordPiece tokenizer: MiniLM's from ../shared, else one trained here."""
+    shared = os.path.join(SHARED, "models", "minilm-l6-h384-uncased")
+    if os.path.isfile(os.path.join(shared, "tokenizer.json")):
+        return shared, "MiniLM-L6-H384 uncased (BERT WordPiece, 30,522 ids)"
+    path = os.path.join(cache_dir, "wordpiece-30522")
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        import data_utils
+
+        train, _, _ = corpus_files(cache_dir)
+        with open(train, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        tokenizer = data_utils.train_wordpiece_tokenizer([lines], VOCAB_SIZE, 512)
+        # A small corpus yields fewer pieces than asked for; filler ids keep the output layer at BERT's size,
+        # which is what the sparse-head comparison is about.
+        missing = VOCAB_SIZE - len(tokenizer)
+        if missing > 0:
+            tokenizer.add_tokens([f"[unused{i}]" for i in range(missing)])
+        tokenizer.save_pretrained(path)
+    return path, "WordPiece trained on the corpus, padded to 30,522 ids (../shared MiniLM not found)"
+
+
+def flops_per_token(sparse, mlm_probability=0.15):
+    """train_utils.transformer_flops_per_token for BERT-mini with a 30,522-id head, as run_mlm.py computes it."""
+    import train_utils
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config = AutoConfig.from_pretrained(MODEL_CONFIG)
+    config.vocab_size = VOCAB_SIZE
+    model = AutoModelForMaskedLM.from_config(config)
+    return train_utils.transformer_flops_per_token(model, SEQ_LEN, head_fraction=mlm_probability if sparse else 1.0)
+
+
+def mlm_argv(output_dir, tokenizer, train_file, valid_file, *, batch, steps, sparse, bf16, eval_samples, seed=42):
+    argv = [
+        f"--config_name={MODEL_CONFIG}", f"--tokenizer_name={tokenizer}", f"--train_file={train_file}",
+        f"--max_seq_length={SEQ_LEN}", f"--per_device_train_batch_size={batch}", f"--max_steps={steps}",
+        # A learning rate that moves the loss within a few dozen steps, so the perplexity check means something.
+        "--learning_rate=1e-3", "--warmup_steps=0.1", f"--seed={seed}", "--logging_steps=1",
+        "--save_strategy=no", "--report_to=none", "--disable_tqdm=True", f"--output_dir={output_dir}",
+        "--overwrite_output_dir", "--do_train", f"--sparse_mlm_head={sparse}", f"--bf16={bf16}",
+    ]
+    if eval_samples:
+        argv += ["--do_eval", f"--validation_file={valid_file}", f"--max_eval_samples={eval_samples}",
+                 f"--per_device_eval_batch_size={batch}"]
+    return argv
+
+
+def run_script(script, argv, log_path, env):
+    """Run `python script argv` from the repository root; returns wall seconds. Raises with the log's tail."""
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        code = subprocess.call([sys.executable, script, *argv], cwd=REPO_ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = "".join(f.readlines()[-15:])
+        raise RuntimeError(f"{script} exited with {code}:\n{tail}")
+    return seconds
+
+
+def step_throughput(log_history, warmup_steps):
+    """Tokens/s over the logged steps after the warm-up (total tokens / total time), the best step, and the
+    Trainer's own MFU figures, from a log history with one training log per step."""
+    records = [r for r in log_history if "loss" in r and r.get("step", 0) > warmup_steps]
+    tokens_seen = {r["step"]: r.get("num_input_tokens_seen") for r in log_history if "loss" in r}
+    rates, seconds, tokens = [], 0.0, 0
+    for record in records:
+        rate = record.get("tokens_per_second")
+        before = tokens_seen.get(record["step"] - 1)
+        if not rate or before is None or record.get("num_input_tokens_seen") is None:
+            continue
+        step_tokens = record["num_input_tokens_seen"] - before
+        rates.append(rate)
+        tokens += step_tokens
+        seconds += step_tokens / rate
+    if not rates:
+        raise RuntimeError("no per-step tokens_per_second in the log history (ThroughputCallback)")
+    logged_mfu = [r["mfu"] for r in records if "mfu" in r]
+    return {
+        "tokens_per_second": tokens / seconds,
+        "best_step_tokens_per_second": max(rates),
+        "measured_steps": len(rates),
+        "logged_mfu": sum(logged_mfu) / len(logged_mfu) if logged_mfu else None,
+    }
+
+
+def settings(quick):
+    """(batch, fp32 steps, bf16 steps, warm-up steps, eval samples). bf16 gets fewer steps: on a CPU without
+    bf16 matrix units one step of batch 32 takes minutes."""
+    if quick:
+        return dict(batch=4, fp32_steps=4, bf16_steps=2, warmup=1, eval_samples=16)
+    return dict(batch=32, fp32_steps=30, bf16_steps=3, warmup=1, eval_samples=512)
+
+
+def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16")):
+    """Train every variant in its own process; returns settings, one row per (dtype, variant) and the checks.
+
+    `peaks`: {"fp32": FLOP/s, "bf16": FLOP/s} for MFU; measured here (train_utils.measure_peak_flops) if None.
+    """
+    import train_utils
+
+    cfg = settings(quick)
+    owned = work_dir is None
+    work_dir = work_dir or tempfile.mkdtemp(prefix="mlm_bench_")
+    cache = os.path.join(work_dir, "cache")
+    env = offline_env(cache)
+    tokenizer, tokenizer_note = bench_tokenizer(cache)
+    train_file, valid_file, corpus_note = corpus_files(cache)
+    if peaks is None:
+        import torch
+
+        peaks = {"fp32": train_utils.measure_peak_flops(torch.float32),
+                 "bf16": train_utils.measure_peak_flops(torch.bfloat16)}
+    flops = {sparse: flops_per_token(sparse) for sparse in VARIANTS.values()}
+    rows = []
+    for dtype in dtypes:
+        steps = cfg["fp32_steps"] if dtype == "fp32" else cfg["bf16_steps"]
+        # The eval of a bf16 run would cost minutes and adds nothing: parity is checked in fp32.
+        eval_samples = cfg["eval_samples"] if dtype == "fp32" else 0
+        for name, sparse in VARIANTS.items():
+            out = os.path.join(work_dir, f"{dtype}-{'sparse' if sparse else 'dense'}")
+            argv = mlm_argv(out, tokenizer, train_file, valid_file, batch=cfg["batch"], steps=steps, sparse=sparse,
+                            bf16=dtype == "bf16", eval_samples=eval_samples)
+            load_before = os.getloadavg()[0]
+            wall = run_script("run_mlm.py", argv, out + ".log", env)
+            with open(os.path.join(out, "all_results.json"), encoding="utf-8") as f:
+                results = json.load(f)
+            with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as f:
+                history = json.load(f)["log_history"]
+            row = {"dtype": dtype, "variant": name, "sparse_mlm_head": sparse, "steps": steps,
+                   "warmup_steps": cfg["warmup"], "batch": cfg["batch"], "wall_seconds": wall,
+                   "load_before": load_before, "load_after": os.getloadavg()[0],
+                   "peak_memory_mb": results.get("peak_memory_mb"), "train_loss": results.get("train_loss"),
+                   "perplexity": results.get("perplexity"), "flops_per_token": flops[sparse]}
+            row.update(step_throughput(history, cfg["warmup"]))
+            row["mfu"] = row["tokens_per_second"] * flops[sparse] / peaks[dtype]
+            row["achieved_gflops"] = row["tokens_per_second"] * flops[sparse] / 1e9
+            rows.append(row)
+            print(f"  mlm {dtype} {name}: {row['tokens_per_second']:.0f} tokens/s, MFU {row['mfu']:.1%}, "
+                  f"{row['peak_memory_mb']:.0f} MB (load {load_before:.1f})", flush=True)
+    result = {"settings": dict(cfg, seq_len=SEQ_LEN, model=os.path.relpath(MODEL_CONFIG, REPO_ROOT),
+                               tokenizer=tokenizer_note, corpus=corpus_note, vocab_size=VOCAB_SIZE),
+              "peaks": peaks, "rows": rows, "speedup": {}, "parity": None}
+    for dtype in dtypes:
+        pair = {r["sparse_mlm_head"]: r for r in rows if r["dtype"] == dtype}
+        if len(pair) == 2:
+            result["speedup"][dtype] = pair[True]["tokens_per_second"] / pair[False]["tokens_per_second"]
+    fp32 = {r["sparse_mlm_head"]: r for r in rows if r["dtype"] == "fp32"}
+    if len(fp32) == 2 and fp32[True]["perplexity"] and fp32[False]["perplexity"]:
+        ours, theirs = fp32[True]["perplexity"], fp32[False]["perplexity"]
+        result["parity"] = {"steps": cfg["fp32_steps"], "eval_samples": cfg["eval_samples"], "ours": ours,
+                            "hf": theirs, "relative_difference": abs(ours - theirs) / theirs}
+    if owned and not os.environ.get("KEEP_BENCH_FILES"):
+        import shutil
+
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Profile: where the time of one training step goes
+# ---------------------------------------------------------------------------------------------------
+
+CATEGORIES = (  # first match wins; names are aten op names
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+                "aten::_scaled_dot_product_flash_attention_for_cpu")),
+    ("dropout RNG", ("aten::bernoulli_", "aten::bernoulli")),
+    ("optimizer", ("aten::_fused_adamw_", "aten::_fused_adam_", "aten::_foreach_")),
+    ("dtype casts / copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous")),
+)
+
+
+def _category(name):
+    for category, prefixes in CATEGORIES:
+        if any(name == p or name.startswith(p) for p in prefixes):
+            return category
+    return "elementwise and other"
+
+
+def profile_step(dtype="fp32", sparse=True, batch=32, work_dir=None, top=12):
+    """torch.profiler over one training step of run_mlm.main (in this process, after one warm-up step).
+
+    Returns the step's wall seconds, the share of op time per category and the top ops by self time.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    import run_mlm
+    import train_utils
+
+    work_dir = work_dir or tempfile.mkdtemp(prefix="mlm_profile_")
+    cache = os.path.join(work_dir, "cache")
+    for key, value in offline_env(cache).items():
+        os.environ.setdefault(key, value)
+    tokenizer, _ = bench_tokenizer(cache)
+    train_file, valid_file, _ = corpus_files(cache)
+
+    class ProfileOneStep(TrainerCallback):
+        def __init__(self):
+            self.profiler, self.seconds = None, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:  # step 0 was the warm-up
+                self.profiler = profile(activities=[ProfilerActivity.CPU])
+                self.profiler.__enter__()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None and self.seconds is None:
+                self.seconds = time.perf_counter() - self.start
+                self.profiler.__exit__(None, None, None)
+
+    callback = ProfileOneStep()
+    original = train_utils.add_callbacks
+
+    def add_callbacks(trainer, *args, **kwargs):
+        original(trainer, *args, **kwargs)
+        trainer.add_callback(callback)
+
+    train_utils.add_callbacks = add_callbacks
+    try:
+        out = os.path.join(work_dir, f"profile-{dtype}")
+        run_mlm.main(mlm_argv(out, tokenizer, train_file, valid_file, batch=batch, steps=2, sparse=sparse,
+                              bf16=dtype == "bf16", eval_samples=0))
+    finally:
+        train_utils.add_callbacks = original
+    events = [e for e in callback.profiler.key_averages() if e.key.startswith("aten::")]
+    # Self times of aten ops add up to the op time without double counting (aten::linear calls aten::addmm).
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    shares = {}
+    for event in events:
+        category = _category(event.key)
+        shares[category] = shares.get(category, 0.0) + event.self_cpu_time_total / total
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "dtype": dtype, "sparse_mlm_head": sparse, "batch": batch, "step_seconds": callback.seconds,
+        "op_seconds": total / 1e6, "load": os.getloadavg()[0],
+        "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
+        "top_ops": [{"op": e.key, "calls": e.count, "self_seconds": e.self_cpu_time_total / 1e6,
+                     "share": e.self_cpu_time_total / total} for e in ops],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fix experiments: the same step under settings that could raise MFU, alternated to share the noise
+# ---------------------------------------------------------------------------------------------------
+
+def _linear_backward_in_fast_layout():
+    """nn.Linear whose input gradient multiplies by a transposed copy of the weight.
+
+    Without bf16 matrix units, this CPU runs bf16 `grad @ W` (both operands row-major) tens of times slower
+    than `grad @ Wt.T`; the copy of W costs one pass over the weights. An experiment, not shipped code.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class LinearFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias):
+            ctx.save_for_backward(x, weight)
+            ctx.has_bias = bias is not None
+            return F.linear(x, weight, bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight = ctx.saved_tensors
+            grad_x = grad @ weight.t().contiguous().t()
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+            return grad_x, grad_w, grad_b
+
+    def forward(self, x):
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            with torch.autocast("cpu", enabled=False):
+                bias = None if self.bias is None else self.bias.to(dtype)
+                return LinearFunction.apply(x.to(dtype), self.weight.to(dtype), bias)
+        return LinearFunction.apply(x, self.weight, self.bias)
+
+    return forward
+
+
+def experiments(quick=False, batch=None, rounds=None):
+    """Median seconds per training step of BERT-mini (sparse head) under each setting, in this process.
+
+    Settings run in turns (A B C A B C ...), so a change in the machine's load hits all of them alike.
+    """
+    import statistics
+
+    import torch
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    import train_utils
+
+    batch = batch or (4 if quick else 32)
+    rounds = rounds or (1 if quick else 3)
+    bf16_batch = max(1, batch // 4)  # a bf16 step of batch 32 takes minutes here
+    generator = torch.Generator().manual_seed(0)
+
+    def make(dtype="fp32", attn="sdpa", dropout=True, layout_fix=False, threads=None, size=batch):
+        config = AutoConfig.from_pretrained(MODEL_CONFIG)
+        config.vocab_size = VOCAB_SIZE
+        config._attn_implementation = attn
+        if not dropout:
+            config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+        torch.manual_seed(0)
+        model = AutoModelForMaskedLM.from_config(config)
+        train_utils.enable_sparse_mlm_head(model)
+        model.train()
+        if layout_fix:
+            forward = _linear_backward_in_fast_layout()
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.forward = forward.__get__(module)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the Trainer's default
+        ids = torch.randint(5, VOCAB_SIZE, (size, SEQ_LEN), generator=generator)
+        labels = torch.where(torch.rand(ids.shape, generator=generator) < 0.15, ids, -100)
+
+        def step():
+            previous = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(threads)
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                    loss = model(input_ids=ids, labels=labels).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            finally:
+                torch.set_num_threads(previous)
+
+        step()  # warm-up
+        return step
+
+    threads = torch.get_num_threads()
+    setups = {
+        f"fp32 baseline (SDPA, {threads} threads, batch {batch})": (make(), batch, "fp32"),
+        "fp32 eager attention": (make(attn="eager"), batch, "fp32"),
+        "fp32 1 thread": (make(threads=1), batch, "fp32"),
+        f"fp32 batch {2 * batch}": (make(size=2 * batch), 2 * batch, "fp32"),
+        "fp32 no dropout (changes the model; lets SDPA use its fused kernel)": (make(dropout=False), batch, "fp32"),
+        f"bf16 baseline (batch {bf16_batch})": (make("bf16", size=bf16_batch), bf16_batch, "bf16"),
+        f"bf16 + fast-layout linear backward (batch {bf16_batch})":
+            (make("bf16", layout_fix=True, size=bf16_batch), bf16_batch, "bf16"),
+        f"fp32 (batch {bf16_batch}, for the bf16 rows)": (make(size=bf16_batch), bf16_batch, "fp32"),
+    }
+    times = {name: [] for name in setups}
+    for _ in range(rounds):
+        for name, (step, _, _) in setups.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    flops = flops_per_token(True)
+    rows = []
+    for name, (_, size, dtype) in setups.items():
+        seconds = statistics.median(times[name])
+        rows.append({"setting": name, "dtype": dtype, "batch": size, "step_seconds": seconds,
+                     "tokens_per_second": size * SEQ_LEN / seconds,
+                     "achieved_gflops": size * SEQ_LEN * flops / seconds / 1e9})
+    return {"rounds": rounds, "threads": threads, "load": os.getloadavg()[0], "rows": rows}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 4 and a few steps: a smoke test")
+    parser.add_argument("--profile", choices=("fp32", "bf16"), help="profile one step instead")
+    parser.add_argument("--experiments", action="store_true", help="time the fix experiments instead")
+    args = parser.parse_args()
+    if args.profile:
+        result = profile_step(args.profile, batch=4 if args.quick else (32 if args.profile == "fp32" else 8))
+    elif args.experiments:
+        result = experiments(args.quick)
+    else:
+        result = run(args.quick)
+    print(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

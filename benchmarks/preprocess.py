@@ -1,0 +1,190 @@
+"""Benchmark: tokenize and pack a large text corpus, run_mlm.py's pipeline against the Hugging Face example's.
+
+    python benchmarks/preprocess.py                 # 50 MB corpus, num_proc 1 and 2
+    python benchmarks/preprocess.py --size-mb 5     # what --quick uses
+    python benchmarks/preprocess.py --profile       # cProfile of our pipeline, top functions
+
+The corpus is ../shared WikiText-2 (or the embedded corpus when that is missing) repeated into one temporary
+.txt file of at least --size-mb. Both pipelines get the same tokenizer, the same raw Dataset (loaded afresh
+into an empty cache folder for every timed run, so nothing is reused) and the same num_proc:
+
+  ours  run_mlm.py's preprocessing: blank lines dropped, only input_ids asked of the tokenizer, then
+        data_utils.pack_token_ids on Arrow tables; both steps through data_utils.cached_map, so the timing
+        includes saving the result where the next run (a sweep's next trial) loads it from.
+  HF    the approach of Hugging Face's examples/pytorch/language-modeling/run_mlm.py (written here from its
+        description): tokenize every line keeping all the tokenizer's columns plus special_tokens_mask,
+        then `group_texts`, which concatenates each column's Python lists (itertools.chain) and slices them
+        into blocks.
+
+Other code can call `run(quick=False, size_mb=None, num_procs=(1, 2))`.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from itertools import chain
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (REPO_ROOT, os.path.join(REPO_ROOT, "benchmarks")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import data_utils  # noqa: E402
+from mlm_throughput import bench_tokenizer, corpus_files  # noqa: E402
+
+BLOCK_SIZE = 128
+
+
+def make_corpus(path, size_mb, sources):
+    """Write the source files' text repeatedly into `path` until it holds at least `size_mb` MB."""
+    text = "".join(open(source, encoding="utf-8").read() for source in sources)
+    target = int(size_mb * 1e6)
+    written = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target:
+            f.write(text)
+            written += len(text.encode("utf-8"))
+    return written
+
+
+def load_raw(path, cache_dir):
+    return data_utils.load_data_file(path, "--train_file", cache_dir=cache_dir)
+
+
+def ours(raw, tokenizer, num_proc, cache_dir, block_size=BLOCK_SIZE):
+    """run_mlm.py's section 5 for the default (packed) mode; keep the two in step."""
+    text_column = "text"
+
+    def tokenize(batch):
+        texts = [t for t in batch[text_column] if t and not t.isspace()]
+        return tokenizer(texts, truncation=False, max_length=None, padding=False, return_attention_mask=False,
+                         return_token_type_ids=False, return_offsets_mapping=False)
+
+    key = (data_utils.tokenizer_fingerprint(tokenizer), block_size, False, False, False)
+    tokenized = data_utils.cached_map(raw, tokenize, key + ("tok",), cache_dir, False, batched=True,
+                                      remove_columns=[text_column], num_proc=num_proc)
+    packed = data_utils.cached_map(tokenized.with_format("arrow"), data_utils.pack_token_ids, key + ("pack",),
+                                   cache_dir, False, desc=f"Packing into blocks of {block_size}", batched=True,
+                                   batch_size=10_000, fn_kwargs={"block_size": block_size}, num_proc=num_proc)
+    return packed.with_format(None)
+
+
+def hf_approach(raw, tokenizer, num_proc, block_size=BLOCK_SIZE):
+    """Tokenize with every column the tokenizer gives, then concatenate Python lists and slice them."""
+
+    def tokenize_function(examples):
+        return tokenizer(examples["text"], return_special_tokens_mask=True)
+
+    tokenized = raw.map(tokenize_function, batched=True, num_proc=num_proc, remove_columns=["text"])
+
+    def group_texts(examples):
+        joined = {name: list(chain(*examples[name])) for name in examples.keys()}
+        usable = len(joined["input_ids"]) // block_size * block_size  # the tail that fills no block is dropped
+        return {name: [values[i : i + block_size] for i in range(0, usable, block_size)]
+                for name, values in joined.items()}
+
+    return tokenized.map(group_texts, batched=True, num_proc=num_proc)
+
+
+def time_pipeline(name, corpus, tokenizer, num_proc, scratch):
+    """One timed run in a fresh cache folder; returns seconds for loading and for tokenize + pack."""
+    cache = tempfile.mkdtemp(prefix=f"{name}-{num_proc}-", dir=scratch)
+    try:
+        start = time.perf_counter()
+        raw = load_raw(corpus, os.path.join(cache, "datasets"))
+        loaded = time.perf_counter()
+        load_before = os.getloadavg()[0]
+        if name == "ours":
+            blocks = ours(raw, tokenizer, num_proc, cache)
+        else:
+            blocks = hf_approach(raw, tokenizer, num_proc)
+        done = time.perf_counter()
+        return {"pipeline": name, "num_proc": num_proc, "load_seconds": loaded - start,
+                "seconds": done - loaded, "blocks": len(blocks), "columns": sorted(blocks.column_names),
+                "tokens": len(blocks) * BLOCK_SIZE, "load_before": load_before, "load_after": os.getloadavg()[0]}
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def run(quick=False, size_mb=None, num_procs=(1, 2), work_dir=None):
+    """Time both pipelines for every num_proc; returns rows, per-num_proc speed-ups and the set-up."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    size_mb = size_mb or (5 if quick else 50)
+    scratch = tempfile.mkdtemp(prefix="preprocess_bench_", dir=work_dir)
+    try:
+        tokenizer_path, tokenizer_note = bench_tokenizer(os.path.join(scratch, "tokenizer"))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        train, valid, corpus_note = corpus_files(os.path.join(scratch, "embedded"))
+        corpus = os.path.join(scratch, "corpus.txt")
+        size = make_corpus(corpus, size_mb, [train, valid])
+        rows = []
+        for num_proc in num_procs:
+            for name in ("ours", "hf"):
+                row = time_pipeline(name, corpus, tokenizer, num_proc, scratch)
+                row["mb_per_second"] = size / 1e6 / row["seconds"]
+                rows.append(row)
+                print(f"  preprocess {name} num_proc={num_proc}: {row['seconds']:.1f} s "
+                      f"({row['mb_per_second']:.2f} MB/s, load {row['load_before']:.1f})", flush=True)
+        speedups = {}
+        for num_proc in num_procs:
+            pair = {r["pipeline"]: r for r in rows if r["num_proc"] == num_proc}
+            speedups[num_proc] = pair["hf"]["seconds"] / pair["ours"]["seconds"]
+        return {"corpus_mb": size / 1e6, "corpus": corpus_note, "tokenizer": tokenizer_note, "block_size": BLOCK_SIZE,
+                "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset"),
+                "rows": rows, "speedup": speedups}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def profile(size_mb=5, num_proc=1, top=15):
+    """cProfile of our pipeline on one process: the functions with the most cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    from transformers import AutoTokenizer
+
+    scratch = tempfile.mkdtemp(prefix="preprocess_profile_")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(bench_tokenizer(os.path.join(scratch, "tokenizer"))[0])
+        train, valid, _ = corpus_files(os.path.join(scratch, "embedded"))
+        corpus = os.path.join(scratch, "corpus.txt")
+        make_corpus(corpus, size_mb, [train, valid])
+        raw = load_raw(corpus, os.path.join(scratch, "datasets"))
+        profiler = cProfile.Profile()
+        profiler.enable()
+        ours(raw, tokenizer, num_proc, os.path.join(scratch, "cache"))
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+        return out.getvalue()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 5 MB corpus")
+    parser.add_argument("--size-mb", type=float, default=None)
+    parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--profile", action="store_true", help="cProfile our pipeline instead (num_proc 1)")
+    args = parser.parse_args()
+    if args.profile:
+        print(profile(args.size_mb or 5))
+        return
+    result = run(args.quick, args.size_mb, tuple(args.num_proc))
+    for row in result["rows"]:
+        print(f"{row['pipeline']:<5} num_proc={row['num_proc']}: {row['seconds']:7.1f} s  {row['mb_per_second']:6.2f} MB/s"
+              f"  {row['blocks']} blocks, columns {row['columns']}")
+    for num_proc, speedup in result["speedup"].items():
+        print(f"num_proc={num_proc}: ours is {speedup:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
