@@ -20,6 +20,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+# Set before torch loads its OpenMP runtime: worker threads with no work wait asleep instead of spinning.
+# Spinning starves the thread that has work whenever the CPU is shared (parallel sweep trials, other
+# jobs): training steps ran 2-8x slower on a shared 2-core machine (benchmarks/RESULTS.md). Export
+# OMP_WAIT_POLICY=ACTIVE to spin.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import evaluate
 import numpy as np
 import transformers

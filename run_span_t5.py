@@ -142,11 +142,16 @@ def flags_given(argv):
     return names
 
 
-def apply_optimizer_defaults(t5_args, training_args, given):
+def apply_run_defaults(t5_args, training_args, given):
+    """Defaults of this recipe for the flags the user did not set."""
     if t5_args.t5_optimizer in RECIPE_LEARNING_RATES and "learning_rate" not in given:
         training_args.learning_rate = RECIPE_LEARNING_RATES[t5_args.t5_optimizer]
     if t5_args.t5_optimizer == "adamwscale" and "lr_scheduler_type" not in given:
         training_args.lr_scheduler_type = SchedulerType.COSINE  # nanoT5's schedule for this optimizer
+    if torch.cuda.is_available() and "dataloader_num_workers" not in given:
+        # Span corruption takes ~1 ms a 32 x 512 batch (benchmarks/t5_train.py), 5-10% of a T5-small step on
+        # an H100 if the training process does it; workers collate the next batches while the GPU computes.
+        training_args.dataloader_num_workers = 2
 
 
 def load_optimizer(t5_args, training_args):
@@ -229,7 +234,7 @@ def main(argv=None):
         (ModelArguments, DataArguments, SpanT5Arguments, TrainingArguments), DEMO_ARGS if demo else argv
     )
     train_utils.finalize_training_args(training_args, [] if demo else argv, "run_span_t5")
-    apply_optimizer_defaults(t5_args, training_args, flags_given(DEMO_ARGS if demo else argv))
+    apply_run_defaults(t5_args, training_args, flags_given(DEMO_ARGS if demo else argv))
     if data_args.streaming and training_args.max_steps <= 0:
         raise UserError("--streaming needs --max_steps (a stream has no length to count epochs by)")
     if training_args.fp16:

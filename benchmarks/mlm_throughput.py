@@ -420,6 +420,58 @@ def experiments(quick=False, batch=None, rounds=None):
     return {"rounds": rounds, "threads": threads, "load": os.getloadavg()[0], "rows": rows}
 
 
+def wait_policy_ab(quick=False, rounds=None):
+    """Seconds per fp32 training step (BERT-mini, sparse head) in fresh processes with libgomp's default wait
+    policy (spin, then sleep) and with OMP_WAIT_POLICY=PASSIVE (what run_mlm.py sets), taken in turns."""
+    import statistics
+
+    batch, steps = (4, 2) if quick else (32, 3)
+    rounds = rounds or (1 if quick else 3)
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import mlm_throughput as m; "
+            f"print(m.median_step_seconds({batch}, {steps}))")
+    times = {"libgomp default (spin, then sleep)": [], "OMP_WAIT_POLICY=PASSIVE": []}
+    for _ in range(rounds):
+        for name in times:
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if "PASSIVE" in name:
+                env["OMP_WAIT_POLICY"] = "PASSIVE"
+            out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                 check=True)
+            times[name].append(float(out.stdout.strip().splitlines()[-1]))
+    return {"batch": batch, "rounds": rounds, "load": os.getloadavg()[0],
+            "rows": [{"setting": name, "step_seconds": statistics.median(values), "all": values,
+                      "tokens_per_second": batch * SEQ_LEN / statistics.median(values)}
+                     for name, values in times.items()]}
+
+
+def median_step_seconds(batch, steps):
+    """Median seconds of `steps` fp32 training steps of BERT-mini with the sparse head, after one warm-up."""
+    import statistics
+
+    import torch
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    import train_utils
+
+    config = AutoConfig.from_pretrained(MODEL_CONFIG)
+    config.vocab_size = VOCAB_SIZE
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_config(config)
+    train_utils.enable_sparse_mlm_head(model)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(5, VOCAB_SIZE, (batch, SEQ_LEN))
+    labels = torch.where(torch.rand(ids.shape) < 0.15, ids, -100)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 4 and a few steps: a smoke test")
@@ -429,7 +481,7 @@ def main():
     if args.profile:
         result = profile_step(args.profile, batch=4 if args.quick else (32 if args.profile == "fp32" else 8))
     elif args.experiments:
-        result = experiments(args.quick)
+        result = {"in_process": experiments(args.quick), "wait_policy": wait_policy_ab(args.quick)}
     else:
         result = run(args.quick)
     print(json.dumps(result, indent=1, default=str))

@@ -1,13 +1,14 @@
 """Benchmark: training throughput of run_span_t5.py's small T5 (configs/t5-small.json, T5 v1.1 small, 77M
 parameters) and the span-corruption collator's share of a training step.
 
-    python benchmarks/t5_train.py                       # n=512, batch 32 on a GPU; batch 4 on a CPU
+    python benchmarks/t5_train.py                       # n=512, batch 32 on a GPU; batch 2 on a CPU
     python benchmarks/t5_train.py --batch 8 --steps 5 --config t5-tiny
-    python benchmarks/t5_train.py --quick               # t5-tiny, n=128, batch 8: a smoke test
+    python benchmarks/t5_train.py --quick               # t5-tiny, n=128, batch 2: a smoke test
 
 One training step is what run_span_t5.py's Trainer does per batch: collate (span corruption of packed rows),
-forward and backward, AdamWScale update. The collator is timed on its own and reported as a share of the
-step; on a GPU it runs on the CPU before the step, so its share is time the accelerator could wait.
+forward and backward, AdamWScale update. The collator is timed on its own and reported as its share of
+collate + step: the time an accelerator would wait if the training process collated (run_span_t5.py gives
+the job to DataLoader workers on a GPU, where they work while the GPU computes).
 Tokens per second count encoder input tokens (as the Trainer's train/tokens_per_second does) and, for
 reference, encoder plus decoder tokens. Other code can call `run(...)`.
 """
@@ -38,7 +39,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_training(config_name, batch, input_length, steps, dtype, device, seed=0, measure_mfu=True):
+def time_training(config_name, batch, input_length, steps, dtype, device, seed=0, mfu=True):
     """Median ms of a training step (collator excluded) and of collating one batch, for one dtype."""
     torch.manual_seed(seed)
     tokenizer = t5_collator.make_tokenizer()  # sentinels and </s> only: enough to collate
@@ -73,9 +74,7 @@ def time_training(config_name, batch, input_length, steps, dtype, device, seed=0
             collate_times.append(collated - start)
             step_times.append(time.perf_counter() - collated)
     flops = train_utils.encoder_decoder_flops_per_token(model, input_length, collator.target_length)
-    # CPUs without bf16 matmul units emulate it: a "peak" measured that way makes MFU meaningless.
-    measure_mfu = measure_mfu and (device == "cuda" or dtype == torch.float32)
-    peak = train_utils.cached_peak_flops(dtype, device) if measure_mfu else None
+    peak = train_utils.cached_peak_flops(dtype, device) if mfu else None
     step_ms, collate_ms = statistics.median(step_times) * 1000, statistics.median(collate_times) * 1000
     tokens = batch * input_length
     return {
@@ -95,12 +94,12 @@ def run(quick=False, config="t5-small", batch=None, input_length=512, steps=None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quick:
         config, input_length, batch, steps = "t5-tiny", 128, batch or 2, steps or 1
-    # 32 x 512 is the batch the collator target refers to; one such step of the 77M model takes minutes on
-    # 2 CPU cores, so CPUs get batch 4 (the collator's share barely depends on the batch: collating and the
-    # step both grow in proportion to it).
-    batch = batch or (32 if device == "cuda" else 4)
-    steps = steps or (10 if device == "cuda" else 2)
-    rows = [time_training(config, batch, input_length, steps, dtype, device, measure_mfu=not quick)
+    # 32 x 512 is the batch the collator target refers to. One such step of the 77M model takes minutes on
+    # 2 CPU cores (bf16 8x longer without bf16 matrix units), so CPUs get batch 2 and one timed step; the
+    # collator's share barely depends on the batch, as collating and the step both grow in proportion to it.
+    batch = batch or (32 if device == "cuda" else 2)
+    steps = steps or (10 if device == "cuda" else 1)
+    rows = [time_training(config, batch, input_length, steps, dtype, device, mfu=not quick)
             for dtype in (torch.float32, torch.bfloat16)]
     reference = t5_collator.run(batch=32, input_length=512, repeats=20 if quick else 100)
     return {

@@ -118,6 +118,12 @@ def test_bf16_trains(tmp_path, text_corpus):
     assert math.isfinite(metrics["eval_loss"])
 
 
+def test_dataloader_workers_collate(tmp_path, text_corpus):
+    """What a GPU run does by default: the collator runs in two DataLoader worker processes."""
+    metrics = run(tmp_path, text_corpus, "--dataloader_num_workers=2", "--max_steps=2", "--save_strategy=no")
+    assert math.isfinite(metrics["eval_loss"])
+
+
 def test_adamwscale_resumes_from_checkpoint(tmp_path, text_corpus, caplog):
     caplog.set_level(logging.INFO)
     run(tmp_path, text_corpus, "--t5_optimizer=adamwscale", "--do_train")

@@ -1,0 +1,97 @@
+"""The benchmark harness works: cheap pieces at tiny sizes, structure only (timings are never judged)."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_BERT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import mlm_throughput  # noqa: E402
+import preprocess  # noqa: E402
+import run as bench  # noqa: E402
+import t5_collator  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["NN", "NT", "TN"])
+def test_matmul_rate_is_positive(dtype, layout):
+    rate, one = bench.matmul_rate(dtype, 64, layout, seconds=0.01)
+    assert rate > 0 and one > 0
+
+
+def test_step_throughput_reads_per_step_logs():
+    history = [{"loss": 9.0, "step": s, "num_input_tokens_seen": 100 * s, "tokens_per_second": 50.0 * s, "mfu": 0.1}
+               for s in range(1, 5)] + [{"train_runtime": 1.0, "step": 4}]
+    result = mlm_throughput.step_throughput(history, warmup_steps=1)
+    assert result["measured_steps"] == 3
+    # steps 2-4: 300 tokens in 100/100 + 100/150 + 100/200 seconds
+    assert result["tokens_per_second"] == pytest.approx(300 / (1 + 2 / 3 + 0.5))
+    assert result["best_step_tokens_per_second"] == 200.0 and result["logged_mfu"] == pytest.approx(0.1)
+
+
+def test_pipelines_give_the_same_blocks_shape(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(mlm_throughput.bench_tokenizer(str(tmp_path / "tok"))[0])
+    corpus = tmp_path / "corpus.txt"
+    train, valid, _ = mlm_throughput.corpus_files(str(tmp_path / "embedded"))
+    assert preprocess.make_corpus(str(corpus), 0.2, [train]) >= 0.2e6
+    raw = preprocess.load_raw(str(corpus), str(tmp_path / "datasets"))
+    ours = preprocess.ours(raw, tokenizer, 1, str(tmp_path / "cache"))
+    theirs = preprocess.hf_approach(raw, tokenizer, 1)
+    assert ours.column_names == ["input_ids"]
+    assert {"input_ids", "attention_mask", "special_tokens_mask"} <= set(theirs.column_names)
+    assert len(ours[0]["input_ids"]) == len(theirs[0]["input_ids"]) == preprocess.BLOCK_SIZE
+    # Ours skips blank lines (each would add [CLS] [SEP]): never more blocks than the HF approach.
+    assert 0 < len(ours) <= len(theirs)
+
+
+def test_seconds_to_first_step_and_throughput_reach_logs(tmp_path, text_corpus, monkeypatch):
+    import run_mlm
+
+    metrics_file = tmp_path / "metrics.jsonl"
+    monkeypatch.setenv("SWEEP_METRICS_FILE", str(metrics_file))
+    run_mlm.main([*TINY_BERT, f"--output_dir={tmp_path / 'out'}", "--max_steps=2", "--save_strategy=no",
+                  f"--train_file={text_corpus / 'train.txt'}", f"--validation_file={text_corpus / 'validation.txt'}"])
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    firsts = [r["train/seconds_to_first_step"] for r in records if "train/seconds_to_first_step" in r]
+    assert len(firsts) == 1 and firsts[0] > 0  # logged once
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    per_step = [h for h in history if "loss" in h]
+    assert per_step and all(h["tokens_per_second"] > 0 for h in per_step)  # also in the saved log history
+    assert "seconds_to_first_step" in per_step[0]
+
+
+def test_run_writes_results_and_plots(tmp_path, monkeypatch):
+    """run.py end to end on the cheap sections, shrunk: RESULTS.md, its raw JSON and the PNGs."""
+    monkeypatch.setitem(bench.RUNNERS, "peak", lambda quick, results: bench.section_peak(
+        quick, sizes=(64, 128), window=0.01, project_size=128))
+    monkeypatch.setitem(bench.RUNNERS, "preprocess", lambda quick, results: preprocess.run(
+        quick, size_mb=0.3, num_procs=(1,), work_dir=str(tmp_path)))
+    monkeypatch.setitem(bench.RUNNERS, "t5", lambda quick, results: {"collator": t5_collator.run(
+        batch=4, input_length=64, repeats=2)})
+    out = tmp_path / "results"
+    results = bench.main(["--quick", "--out", str(out), "--only", "peak,preprocess,t5"])
+
+    text = (out / "RESULTS.md").read_text()
+    assert "## Machine" in text and "## Targets" in text and "QUICK MODE" in text
+    assert bench.cpu_model() in text and torch.__version__ in text
+    for section in ("peak", "preprocess", "t5"):
+        assert "error" not in results[section], results[section].get("error")
+    peak = results["peak"]["peak_flops"]
+    assert peak["fp32"] > 0 and peak["bf16"] > 0
+    rows = results["preprocess"]["rows"]
+    assert {r["pipeline"] for r in rows} == {"ours", "hf"}
+    assert all(r["seconds"] > 0 and r["blocks"] > 0 for r in rows)
+    assert math.isfinite(results["preprocess"]["speedup"][1])
+    assert results["t5"]["collator"]["speedup"] > 0
+    assert (out / "peak.png").stat().st_size > 0 and (out / "preprocess.png").stat().st_size > 0
+
+    # --only reads the other sections back from RESULTS.md
+    assert bench.read_previous(str(out / "RESULTS.md"))["preprocess"]["rows"] == json.loads(json.dumps(rows))
