@@ -32,7 +32,7 @@ GLUE_KEYS = {
 def test_there_is_a_sweep_for_each_job():
     names = {os.path.basename(p) for p in YAMLS}
     programs = {yaml.safe_load(open(p))["program"] for p in YAMLS}
-    assert {"run_mlm.py", "fine_tune_glue.py"} <= programs
+    assert {"run_mlm.py", "run_span_t5.py", "fine_tune_glue.py"} <= programs
     assert any("accelerate" in open(p).read() for p in YAMLS)
     for task in ("sst2", "cola", "mrpc", "stsb", "rte"):
         assert f"glue_{task}.yaml" in names
