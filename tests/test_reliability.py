@@ -73,3 +73,22 @@ def test_nan_loss_stops_with_hint(tmp_path, text_corpus):
     args = mlm_args(tmp_path, text_corpus, "nan") + ["--learning_rate=1e30", "--max_grad_norm=0"]
     with pytest.raises(UserError, match=r"loss became .* Last good checkpoint.*learning_rate"):
         run_mlm.main(args)
+
+
+def test_tokens_never_reach_logs_or_saved_files(tmp_path, text_corpus, capsys):
+    secret = "hf_SECRETtoken123"
+    args = mlm_args(tmp_path, text_corpus, "tok") + [f"--token={secret}", "--max_steps=2", "--save_steps=1"]
+    run_mlm.main(args)
+    printed = capsys.readouterr()
+    assert secret not in printed.out + printed.err
+    for path in (tmp_path / "tok").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"token leaked into {path}"
+    config = train_utils.run_config(*[type("A", (), {"to_dict": lambda self: {"token": secret}})()])
+    assert config["token"] == "<hidden>"  # what goes to the W&B run config
+
+
+def test_trust_remote_code_is_off_by_default():
+    from arguments import ModelArguments
+
+    assert ModelArguments().trust_remote_code is False
