@@ -147,8 +147,8 @@ def settings(quick):
     """(batch, fp32 steps, bf16 steps, warm-up steps, eval samples). bf16 gets fewer steps: on a CPU without
     bf16 matrix units one step of batch 32 takes minutes."""
     if quick:
-        return dict(batch=4, fp32_steps=4, bf16_steps=2, warmup=1, eval_samples=16)
-    return dict(batch=32, fp32_steps=30, bf16_steps=3, warmup=1, eval_samples=512)
+        return dict(batch=4, fp32_steps=3, bf16_steps=2, warmup=1, eval_samples=8, bf16_batch=2)
+    return dict(batch=32, fp32_steps=30, bf16_steps=3, warmup=1, eval_samples=512, bf16_batch=32)
 
 
 def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16")):
@@ -178,7 +178,8 @@ def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16")):
         eval_samples = cfg["eval_samples"] if dtype == "fp32" else 0
         for name, sparse in VARIANTS.items():
             out = os.path.join(work_dir, f"{dtype}-{'sparse' if sparse else 'dense'}")
-            argv = mlm_argv(out, tokenizer, train_file, valid_file, batch=cfg["batch"], steps=steps, sparse=sparse,
+            batch = cfg["batch"] if dtype == "fp32" else cfg["bf16_batch"]
+            argv = mlm_argv(out, tokenizer, train_file, valid_file, batch=batch, steps=steps, sparse=sparse,
                             bf16=dtype == "bf16", eval_samples=eval_samples)
             load_before = os.getloadavg()[0]
             wall = run_script("run_mlm.py", argv, out + ".log", env)
@@ -187,7 +188,7 @@ def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16")):
             with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as f:
                 history = json.load(f)["log_history"]
             row = {"dtype": dtype, "variant": name, "sparse_mlm_head": sparse, "steps": steps,
-                   "warmup_steps": cfg["warmup"], "batch": cfg["batch"], "wall_seconds": wall,
+                   "warmup_steps": cfg["warmup"], "batch": batch, "wall_seconds": wall,
                    "load_before": load_before, "load_after": os.getloadavg()[0],
                    "peak_memory_mb": results.get("peak_memory_mb"), "train_loss": results.get("train_loss"),
                    "perplexity": results.get("perplexity"), "flops_per_token": flops[sparse]}

@@ -324,7 +324,7 @@ def make_plots(results, out_dir):
             ax.axhline(reference, color="tab:red", linestyle="--", linewidth=1)
             ax.annotate(f"issue's HF reference {reference:,}", (0.02, reference), xycoords=("axes fraction", "data"),
                         fontsize=7, color="tab:red", va="bottom")
-            ax.set_title(f"run_mlm.py {dtype}, batch {mlm['settings']['batch']} x {mlm['settings']['seq_len']}")
+            ax.set_title(f"run_mlm.py {dtype}, batch {rows[0]['batch']} x {mlm['settings']['seq_len']}")
             ax.set_ylabel("tokens/s")
             ax.tick_params(axis="x", labelsize=8)
         save(fig, "mlm_throughput.png", "mlm")
@@ -472,7 +472,9 @@ def write_mlm(result, plots):
     s = result["settings"]
     lines += [
         f"{s['model']} (4 layers, width 256), tokenizer: {s['tokenizer']}; corpus: {s['corpus']}; sequence "
-        f"{s['seq_len']}, batch {s['batch']}; fp32 runs {s['fp32_steps']} steps, bf16 runs {s['bf16_steps']} "
+        f"{s['seq_len']}, batch {s['batch']}"
+        + (f" (bf16: {s['bf16_batch']})" if s.get("bf16_batch", s["batch"]) != s["batch"] else "")
+        + f"; fp32 runs {s['fp32_steps']} steps, bf16 runs {s['bf16_steps']} "
         f"(a bf16 step takes minutes here); tokens/s over the steps after the first {s['warmup']} (total tokens / "
         "total time), read from the Trainer's log history (`tokens_per_second`, one log per step). Each variant "
         "is its own `python run_mlm.py` process; the only differences are `--sparse_mlm_head` and `--bf16`.",
@@ -667,7 +669,8 @@ def main(argv=None):
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     results = read_previous(os.path.join(out_dir, "RESULTS.md")) if args.only else {}
     started = time.time()
-    meta = {"quick": args.quick, "machine": machine_info(), "load_start": os.getloadavg(), "sections_run": []}
+    meta = {"quick": args.quick, "machine": machine_info(), "load_start": os.getloadavg(), "sections_run": [],
+            "section_seconds": {}}
     for section in SECTIONS:
         if section not in chosen or section in skipped:
             continue
@@ -678,9 +681,9 @@ def main(argv=None):
         except Exception:
             result = {"error": traceback.format_exc()}
             print(result["error"], file=sys.stderr, flush=True)
-        result["seconds"] = round(time.time() - begin, 1)
         results[section] = result
         meta["sections_run"].append(section)
+        meta["section_seconds"][section] = round(time.time() - begin, 1)
         meta.update(load_end=os.getloadavg(), finished=time.strftime("%Y-%m-%d %H:%M"),
                     minutes=(time.time() - started) / 60)
         path = write_results(results, meta, out_dir)  # after every section: a later failure keeps these
