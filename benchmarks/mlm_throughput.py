@@ -117,6 +117,25 @@ def run_script(script, argv, log_path, env):
     return seconds
 
 
+def run_in_process(argv, env):
+    """run_mlm.main(argv) in this process under `env`'s variables; returns wall seconds. Saves the ~20 s a
+    fresh interpreter spends importing, at the price of a process-wide peak memory figure."""
+    import run_mlm
+
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    start = time.perf_counter()
+    try:
+        run_mlm.main(argv)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return time.perf_counter() - start
+
+
 def step_throughput(log_history, warmup_steps):
     """Tokens/s over the logged steps after the warm-up (total tokens / total time), the best step, and the
     Trainer's own MFU figures, from a log history with one training log per step."""
@@ -151,11 +170,14 @@ def settings(quick):
     return dict(batch=32, fp32_steps=30, bf16_steps=3, warmup=1, eval_samples=512, bf16_batch=32)
 
 
-def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16")):
-    """Train every variant in its own process; returns settings, one row per (dtype, variant) and the checks.
+def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16"), in_process=None):
+    """Train every variant; returns settings, one row per (dtype, variant) and the checks.
 
     `peaks`: {"fp32": FLOP/s, "bf16": FLOP/s} for MFU; measured here (train_utils.measure_peak_flops) if None.
+    `in_process` (default: only in quick mode) runs run_mlm.main here instead of a `python run_mlm.py` per
+    variant: faster to start, but peak memory is then this process's.
     """
+    in_process = quick if in_process is None else in_process
     import train_utils
 
     cfg = settings(quick)
@@ -182,7 +204,7 @@ def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16")):
             argv = mlm_argv(out, tokenizer, train_file, valid_file, batch=batch, steps=steps, sparse=sparse,
                             bf16=dtype == "bf16", eval_samples=eval_samples)
             load_before = os.getloadavg()[0]
-            wall = run_script("run_mlm.py", argv, out + ".log", env)
+            wall = run_in_process(argv, env) if in_process else run_script("run_mlm.py", argv, out + ".log", env)
             with open(os.path.join(out, "all_results.json"), encoding="utf-8") as f:
                 results = json.load(f)
             with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as f:
@@ -198,7 +220,7 @@ def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16")):
             rows.append(row)
             print(f"  mlm {dtype} {name}: {row['tokens_per_second']:.0f} tokens/s, MFU {row['mfu']:.1%}, "
                   f"{row['peak_memory_mb']:.0f} MB (load {load_before:.1f})", flush=True)
-    result = {"settings": dict(cfg, seq_len=SEQ_LEN, model=os.path.relpath(MODEL_CONFIG, REPO_ROOT),
+    result = {"settings": dict(cfg, seq_len=SEQ_LEN, model=os.path.relpath(MODEL_CONFIG, REPO_ROOT), in_process=in_process,
                                tokenizer=tokenizer_note, corpus=corpus_note, vocab_size=VOCAB_SIZE),
               "peaks": peaks, "rows": rows, "speedup": {}, "parity": None}
     for dtype in dtypes:
@@ -262,7 +284,7 @@ def profile_step(dtype="fp32", sparse=True, batch=32, work_dir=None, top=12):
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 1:  # step 0 was the warm-up
-                self.profiler = profile(activities=[ProfilerActivity.CPU])
+                self.profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
                 self.profiler.__enter__()
                 self.start = time.perf_counter()
 
@@ -293,12 +315,25 @@ def profile_step(dtype="fp32", sparse=True, batch=32, work_dir=None, top=12):
         category = _category(event.key)
         shares[category] = shares.get(category, 0.0) + event.self_cpu_time_total / total
     ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    matmuls = []  # the rate of each matmul shape shows which ones run far below the peak
+    for event in callback.profiler.key_averages(group_by_input_shape=True):
+        if event.key not in ("aten::mm", "aten::addmm") or not event.self_cpu_time_total:
+            continue
+        shapes = [s for s in event.input_shapes if len(s) == 2]
+        if len(shapes) != 2 or shapes[0][1] != shapes[1][0]:
+            continue
+        (m, k), (_, n) = shapes
+        seconds = event.self_cpu_time_total / 1e6
+        matmuls.append({"op": event.key, "shapes": f"[{m}, {k}] @ [{k}, {n}]", "calls": event.count,
+                        "self_seconds": seconds, "gflops": 2 * m * k * n * event.count / seconds / 1e9})
+    matmuls.sort(key=lambda r: r["self_seconds"], reverse=True)
     return {
         "dtype": dtype, "sparse_mlm_head": sparse, "batch": batch, "step_seconds": callback.seconds,
         "op_seconds": total / 1e6, "load": os.getloadavg()[0],
         "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
         "top_ops": [{"op": e.key, "calls": e.count, "self_seconds": e.self_cpu_time_total / 1e6,
                      "share": e.self_cpu_time_total / total} for e in ops],
+        "matmuls": matmuls[:8],
     }
 
 

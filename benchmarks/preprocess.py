@@ -2,7 +2,7 @@
 
     python benchmarks/preprocess.py                 # 50 MB corpus, num_proc 1 and 2
     python benchmarks/preprocess.py --size-mb 5     # what --quick uses
-    python benchmarks/preprocess.py --profile       # cProfile of our pipeline, top functions
+    python benchmarks/preprocess.py --breakdown-mb 5  # also: CPU time per step, cProfile of ours
 
 The corpus is ../shared WikiText-2 (or the embedded corpus when that is missing) repeated into one temporary
 .txt file of at least --size-mb. Both pipelines get the same tokenizer, the same raw Dataset (loaded afresh
@@ -16,11 +16,12 @@ into an empty cache folder for every timed run, so nothing is reused) and the sa
         then `group_texts`, which concatenates each column's Python lists (itertools.chain) and slices them
         into blocks.
 
-Other code can call `run(quick=False, size_mb=None, num_procs=(1, 2))`.
+Other code can call `run(quick=False, size_mb=None, num_procs=(1, 2), breakdown_mb=None)`.
 """
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -89,6 +90,14 @@ def hf_approach(raw, tokenizer, num_proc, block_size=BLOCK_SIZE):
     return tokenized.map(group_texts, batched=True, num_proc=num_proc)
 
 
+def cpu_seconds():
+    """CPU time of this process and of its finished children (map's worker pools are joined when map ends).
+    On a shared machine it varies far less than wall time, which also counts the waits for a free core."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def time_pipeline(name, corpus, tokenizer, num_proc, scratch):
     """One timed run in a fresh cache folder; returns seconds for loading and for tokenize + pack."""
     cache = tempfile.mkdtemp(prefix=f"{name}-{num_proc}-", dir=scratch)
@@ -97,19 +106,20 @@ def time_pipeline(name, corpus, tokenizer, num_proc, scratch):
         raw = load_raw(corpus, os.path.join(cache, "datasets"))
         loaded = time.perf_counter()
         load_before = os.getloadavg()[0]
+        cpu_start = cpu_seconds()
         if name == "ours":
             blocks = ours(raw, tokenizer, num_proc, cache)
         else:
             blocks = hf_approach(raw, tokenizer, num_proc)
         done = time.perf_counter()
-        return {"pipeline": name, "num_proc": num_proc, "load_seconds": loaded - start,
-                "seconds": done - loaded, "blocks": len(blocks), "columns": sorted(blocks.column_names),
+        return {"pipeline": name, "num_proc": num_proc, "load_seconds": loaded - start, "seconds": done - loaded,
+                "cpu_seconds": cpu_seconds() - cpu_start, "blocks": len(blocks), "columns": sorted(blocks.column_names),
                 "tokens": len(blocks) * BLOCK_SIZE, "load_before": load_before, "load_after": os.getloadavg()[0]}
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def run(quick=False, size_mb=None, num_procs=(1, 2), work_dir=None):
+def run(quick=False, size_mb=None, num_procs=(1, 2), work_dir=None, breakdown_mb=None):
     """Time both pipelines for every num_proc; returns rows, per-num_proc speed-ups and the set-up."""
     import datasets
     from transformers import AutoTokenizer
@@ -131,41 +141,63 @@ def run(quick=False, size_mb=None, num_procs=(1, 2), work_dir=None):
                 rows.append(row)
                 print(f"  preprocess {name} num_proc={num_proc}: {row['seconds']:.1f} s "
                       f"({row['mb_per_second']:.2f} MB/s, load {row['load_before']:.1f})", flush=True)
-        speedups = {}
+        speedups, cpu_speedups = {}, {}
         for num_proc in num_procs:
             pair = {r["pipeline"]: r for r in rows if r["num_proc"] == num_proc}
             speedups[num_proc] = pair["hf"]["seconds"] / pair["ours"]["seconds"]
-        return {"corpus_mb": size / 1e6, "corpus": corpus_note, "tokenizer": tokenizer_note, "block_size": BLOCK_SIZE,
-                "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset"),
-                "rows": rows, "speedup": speedups}
+            cpu_speedups[num_proc] = pair["hf"]["cpu_seconds"] / pair["ours"]["cpu_seconds"]
+        result = {"corpus_mb": size / 1e6, "corpus": corpus_note, "tokenizer": tokenizer_note, "block_size": BLOCK_SIZE,
+                  "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset"),
+                  "rows": rows, "speedup": speedups, "cpu_speedup": cpu_speedups}
+        if breakdown_mb:
+            result["breakdown"] = breakdown(tokenizer, corpus if breakdown_mb >= size_mb else None, breakdown_mb,
+                                            [train, valid], scratch)
+        return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def profile(size_mb=5, num_proc=1, top=15):
-    """cProfile of our pipeline on one process: the functions with the most cumulative time."""
+def breakdown(tokenizer, corpus, size_mb, sources, scratch, top=12):
+    """Where the CPU time goes, in this process (num_proc None, so nothing hides in a worker): the Rust
+    tokenizer alone, then each step of both pipelines, and cProfile's top functions of ours."""
     import cProfile
     import io
     import pstats
 
-    from transformers import AutoTokenizer
+    if corpus is None:
+        corpus = os.path.join(scratch, "breakdown.txt")
+        make_corpus(corpus, size_mb, sources)
+    raw = load_raw(corpus, os.path.join(scratch, "breakdown-datasets"))
+    texts = [t for t in raw["text"] if t and not t.isspace()]
+    steps = {}
 
-    scratch = tempfile.mkdtemp(prefix="preprocess_profile_")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(bench_tokenizer(os.path.join(scratch, "tokenizer"))[0])
-        train, valid, _ = corpus_files(os.path.join(scratch, "embedded"))
-        corpus = os.path.join(scratch, "corpus.txt")
-        make_corpus(corpus, size_mb, [train, valid])
-        raw = load_raw(corpus, os.path.join(scratch, "datasets"))
-        profiler = cProfile.Profile()
-        profiler.enable()
-        ours(raw, tokenizer, num_proc, os.path.join(scratch, "cache"))
-        profiler.disable()
-        out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
-        return out.getvalue()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    def timed(name, function):
+        start = cpu_seconds()
+        out = function()
+        steps[name] = cpu_seconds() - start
+        return out
+
+    timed("Rust tokenizer alone, non-blank lines (encode_batch, batches of 1000)", lambda: [
+        tokenizer.backend_tokenizer.encode_batch(texts[i : i + 1000]) for i in range(0, len(texts), 1000)])
+    profiler = cProfile.Profile()
+    profiler.enable()
+    timed("ours: tokenize + pack + save", lambda: ours(raw, tokenizer, None, os.path.join(scratch, "breakdown-cache")))
+    profiler.disable()
+    tokenized = timed("HF: tokenize, all columns", lambda: raw.map(
+        lambda batch: tokenizer(batch["text"], return_special_tokens_mask=True), batched=True, remove_columns=["text"]))
+
+    def group(examples, block_size=BLOCK_SIZE):
+        joined = {name: list(chain(*examples[name])) for name in examples.keys()}
+        usable = len(joined["input_ids"]) // block_size * block_size
+        return {name: [values[i : i + block_size] for i in range(0, usable, block_size)] for name, values in joined.items()}
+
+    timed("HF: group_texts", lambda: tokenized.map(group, batched=True))
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    lines = out.getvalue().splitlines()
+    table_start = next(i for i, line in enumerate(lines) if line.strip().startswith("ncalls"))
+    return {"size_mb": os.path.getsize(corpus) / 1e6, "cpu_seconds": steps,
+            "ours_top_functions": "\n".join(lines[table_start:table_start + top + 1])}
 
 
 def main():
@@ -173,17 +205,17 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a 5 MB corpus")
     parser.add_argument("--size-mb", type=float, default=None)
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--profile", action="store_true", help="cProfile our pipeline instead (num_proc 1)")
+    parser.add_argument("--breakdown-mb", type=float, default=None,
+                        help="also break the CPU time down by step on a corpus of this size (in one process)")
     args = parser.parse_args()
-    if args.profile:
-        print(profile(args.size_mb or 5))
-        return
-    result = run(args.quick, args.size_mb, tuple(args.num_proc))
+    result = run(args.quick, args.size_mb, tuple(args.num_proc), breakdown_mb=args.breakdown_mb)
     for row in result["rows"]:
         print(f"{row['pipeline']:<5} num_proc={row['num_proc']}: {row['seconds']:7.1f} s  {row['mb_per_second']:6.2f} MB/s"
               f"  {row['blocks']} blocks, columns {row['columns']}")
     for num_proc, speedup in result["speedup"].items():
-        print(f"num_proc={num_proc}: ours is {speedup:.2f}x faster")
+        print(f"num_proc={num_proc}: ours is {speedup:.2f}x faster ({result['cpu_speedup'][num_proc]:.2f}x less CPU)")
+    for step, seconds in result.get("breakdown", {}).get("cpu_seconds", {}).items():
+        print(f"{seconds:7.2f} CPU s  {step}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SECTIONS = ("peak", "mlm", "profile", "experiments", "preprocess", "glue", "t5", "sweep")
+# Left out of --quick unless named in --only: minutes each here, and their own tests cover the code.
+NOT_IN_QUICK = ("profile", "experiments", "glue")
 RAW_BEGIN, RAW_END = "<!-- raw results: begin -->", "<!-- raw results: end -->"
 
 # From the issue: Hugging Face's run_mlm.py on this machine type, and what we aim for.
@@ -170,7 +172,8 @@ def section_experiments(quick):
 def section_preprocess(quick):
     import preprocess
 
-    return preprocess.run(quick)
+    # num_proc None (no worker pool) is what run_mlm.py does without --preprocessing_num_workers.
+    return preprocess.run(quick, num_procs=(1, 2) if quick else (None, 1, 2), breakdown_mb=None if quick else 10)
 
 
 def section_glue(quick):
@@ -202,7 +205,7 @@ def section_t5(quick, with_training=True):
 def section_sweep(quick):
     import sweep_overhead
 
-    return sweep_overhead.run(quick, trials=3, steps=2 if quick else 3)
+    return sweep_overhead.run(quick, trials=2 if quick else 3, steps=2 if quick else 3)
 
 
 RUNNERS = {
@@ -245,6 +248,8 @@ def targets(results):
                  _pct(gap, 2) if gap is not None else "n/a", judge(gap, TARGETS["perplexity_gap"], higher_is_better=False)))
     pre = results.get("preprocess") or {}
     for num_proc, speedup in (pre.get("speedup") or {}).items():
+        if num_proc in (None, "null"):
+            continue  # reported in its section; the target names num_proc 1 and 2
         rows.append((f"Preprocessing {pre.get('corpus_mb', 0):.0f} MB, ours vs HF (num_proc={num_proc})",
                      f">= {TARGETS['preprocess_speedup']:.0f}x", _x(speedup), judge(speedup, TARGETS["preprocess_speedup"])))
     sweep = results.get("sweep") or {}
@@ -268,6 +273,10 @@ def _pct(value, digits=1):
 
 def _s(value):
     return "n/a" if value is None else f"{value:.1f} s"
+
+
+def _proc(num_proc):
+    return "None" if num_proc in (None, "null") else num_proc
 
 
 def _num(value, digits=0):
@@ -357,12 +366,13 @@ def make_plots(results, out_dir):
     pre = results.get("preprocess") or {}
     if pre.get("rows"):
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
-        procs = sorted({r["num_proc"] for r in pre["rows"]})
+        procs = list(dict.fromkeys(r["num_proc"] for r in pre["rows"]))
         for offset, name, color in ((-0.2, "ours", "tab:green"), (0.2, "hf", "tab:gray")):
             values = [next(r["seconds"] for r in pre["rows"] if r["num_proc"] == p and r["pipeline"] == name)
                       for p in procs]
-            ax.bar([p + offset for p in procs], values, width=0.4, color=color, label="ours" if name == "ours" else "HF approach")
-        ax.set_xticks(procs, [f"num_proc={p}" for p in procs])
+            ax.bar([i + offset for i in range(len(procs))], values, width=0.4, color=color,
+                   label="ours" if name == "ours" else "HF approach")
+        ax.set_xticks(range(len(procs)), [f"num_proc={_proc(p)}" for p in procs])
         ax.set_ylabel("seconds (tokenize + pack)")
         ax.set_title(f"Preprocessing {pre['corpus_mb']:.0f} MB of text")
         ax.legend()
@@ -420,7 +430,11 @@ def render(results, meta, plots):
     lines.append("")
     for section in SECTIONS:
         result = results.get(section)
-        lines += SECTION_WRITERS[section](result, plots) if result is not None else []
+        if result is not None:
+            lines += SECTION_WRITERS[section](result, plots)
+    missing = [s for s in SECTIONS if s not in results]
+    if missing:
+        lines += [f"Not run{' (left out of --quick)' if quick else ''}: {', '.join(missing)}.", ""]
     lines += ["## Raw results", "", "<details><summary>JSON (what `--only` reads back)</summary>", "", RAW_BEGIN,
               "```json", json.dumps({"meta": meta, "results": results}, indent=1, default=str), "```", RAW_END,
               "", "</details>", ""]
@@ -530,6 +544,12 @@ def write_profile(result, plots):
                   f"op time by kind: {shares}.", ""]
         lines += [table(["op", "calls", "self s", "share"],
                         [(o["op"], o["calls"], f"{o['self_seconds']:.3f}", f"{o['share']:.1%}") for o in p["top_ops"]]), ""]
+        if p.get("matmuls"):
+            lines += ["Slowest matmul shapes (the layout is not recorded; backward's input gradients are the "
+                      "`[rows, out] @ [out, in]` ones):", ""]
+            lines += [table(["op", "shapes", "calls", "self s", "GFLOP/s"],
+                            [(m["op"], m["shapes"], m["calls"], f"{m['self_seconds']:.3f}", f"{m['gflops']:.2f}")
+                             for m in p["matmuls"]]), ""]
     return lines + _image(plots, "profile")
 
 
@@ -562,13 +582,23 @@ def write_preprocess(result, plots):
               f"blocks of {result['block_size']}; each run in a fresh cache folder (nothing reused); "
               f"TOKENIZERS_PARALLELISM={result['tokenizers_parallelism']}. Ours includes saving the result to the "
               "cache that the next run loads.", ""]
-    lines += [table(["pipeline", "num_proc", "seconds", "MB/s", "blocks", "columns", "load before / after"],
-                    [("ours" if r["pipeline"] == "ours" else "HF approach", r["num_proc"], f"{r['seconds']:.1f}",
-                      f"{r['mb_per_second']:.2f}", _num(r["blocks"]), ", ".join(r["columns"]),
+    lines += [table(["pipeline", "num_proc", "seconds", "CPU seconds", "MB/s", "blocks", "columns", "load before / after"],
+                    [("ours" if r["pipeline"] == "ours" else "HF approach", _proc(r["num_proc"]), f"{r['seconds']:.1f}",
+                      _num(r.get("cpu_seconds"), 1), f"{r['mb_per_second']:.2f}", _num(r["blocks"]), ", ".join(r["columns"]),
                       f"{r['load_before']:.1f} / {r['load_after']:.1f}") for r in result["rows"]]), ""]
-    lines.append("Speed-up of ours: " + ", ".join(f"num_proc={p}: {_x(v)}" for p, v in result["speedup"].items()) +
-                 ". Ours drops blank lines before tokenizing, so it makes slightly fewer blocks.")
+    cpu = result.get("cpu_speedup") or {}
+    lines.append("Speed-up of ours (wall time; CPU time in brackets, which the other jobs disturb less): " +
+                 ", ".join(f"num_proc={_proc(p)}: {_x(v)} ({_x(cpu.get(p))})" for p, v in result["speedup"].items()) +
+                 ". num_proc=None maps in the calling process, as run_mlm.py does without --preprocessing_num_workers; "
+                 "1 and 2 start a worker pool. Ours drops blank lines before tokenizing, so it makes slightly fewer "
+                 "blocks.")
     lines.append("")
+    breakdown = result.get("breakdown")
+    if breakdown:
+        lines += [f"CPU seconds by step, on {breakdown['size_mb']:.0f} MB in one process (num_proc None):", ""]
+        lines += [table(["step", "CPU s"], [(k, f"{v:.1f}") for k, v in breakdown["cpu_seconds"].items()]), ""]
+        lines += ["cProfile of ours, by own time (the Rust tokenizer shows up as the `encode_batch` method):", "",
+                  "```", breakdown["ours_top_functions"], "```", ""]
     return lines + _image(plots, "preprocess")
 
 
@@ -619,8 +649,11 @@ def write_sweep(result, plots):
               f"{result['load_before']:.1f} before, {result['load_after']:.1f} after.", ""]
     lines += [table(["trial", "seconds to first step", "eval loss"],
                     [(t["trial"], _s(t["seconds_to_first_step"]), _num(t.get("eval_loss"), 3)) for t in result["trials"]]), ""]
-    lines += [f"`import run_mlm` alone (fresh interpreter): {result['import_seconds']:.1f} s, the floor for every "
-              f"trial that no cache removes. The agent took {result['agent_seconds']:.0f} s for all trials.", ""]
+    cpu = result.get("import_cpu_seconds")
+    lines += [f"`import run_mlm` alone (fresh interpreter): {result['import_seconds']:.1f} s"
+              + (f" ({cpu:.1f} s of CPU time)" if cpu else "") + ", the floor for every trial that no cache removes "
+              f"(torch, transformers' Trainer, datasets, evaluate). The agent took {result['agent_seconds']:.0f} s "
+              "for all trials.", ""]
     return lines + _image(plots, "sweep")
 
 
@@ -672,7 +705,7 @@ def main(argv=None):
     meta = {"quick": args.quick, "machine": machine_info(), "load_start": os.getloadavg(), "sections_run": [],
             "section_seconds": {}}
     for section in SECTIONS:
-        if section not in chosen or section in skipped:
+        if section not in chosen or section in skipped or (args.quick and not args.only and section in NOT_IN_QUICK):
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {section} (load {os.getloadavg()[0]:.1f})", flush=True)
         begin = time.time()

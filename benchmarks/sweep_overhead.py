@@ -47,14 +47,15 @@ def sweep_config(cache_dir, steps):
 
 
 def import_seconds(env):
-    """Seconds to import run_mlm.py in a fresh interpreter (second of two tries: files already cached)."""
-    code = "import time; t = time.perf_counter(); import run_mlm; print(time.perf_counter() - t)"
-    seconds = None
+    """(wall, CPU) seconds to import run_mlm.py in a fresh interpreter, the second of two tries (files cached).
+    The CPU figure is what an idle machine would roughly take; the wall one includes waiting for a core."""
+    code = ("import time; t, c = time.perf_counter(), time.process_time(); import run_mlm; "
+            "print(time.perf_counter() - t, time.process_time() - c)")
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                              check=True)
-        seconds = float(out.stdout.strip().splitlines()[-1])
-    return seconds
+        wall, cpu = map(float, out.stdout.strip().splitlines()[-1].split())
+    return wall, cpu
 
 
 def run(quick=False, trials=3, steps=3, work_dir=None):
@@ -93,11 +94,13 @@ def run(quick=False, trials=3, steps=3, work_dir=None):
             raise RuntimeError(f"sweep.py exited with {proc.returncode} or a trial logged no {METRIC}:\n"
                                f"{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}\n{tail}")
         later = [r["seconds_to_first_step"] for r in rows[1:]]
+        import_wall, import_cpu = import_seconds(env)
         return {
             "trials": rows, "steps_per_trial": steps, "agent_seconds": agent_seconds,
             "first_trial_seconds": rows[0]["seconds_to_first_step"],
             "later_trials_max_seconds": max(later) if later else None,
-            "import_seconds": import_seconds(env), "load_before": load_before, "load_after": os.getloadavg()[0],
+            "import_seconds": import_wall, "import_cpu_seconds": import_cpu, "load_before": load_before,
+            "load_after": os.getloadavg()[0],
             "setup": "run_mlm.py, default model (configs/bert-tiny.json), embedded corpus, WordPiece tokenizer "
                      f"trained on the fly, batch 16, {steps} steps, grid over learning_rate, fresh cache folder",
         }
@@ -113,7 +116,8 @@ def main():
     result = run(trials=args.trials, steps=args.steps)
     for row in result["trials"]:
         print(f"trial {row['trial']}: first step after {row['seconds_to_first_step']:.1f} s")
-    print(f"import run_mlm: {result['import_seconds']:.1f} s; agent total {result['agent_seconds']:.0f} s")
+    print(f"import run_mlm: {result['import_seconds']:.1f} s ({result['import_cpu_seconds']:.1f} s CPU); "
+          f"agent total {result['agent_seconds']:.0f} s")
 
 
 if __name__ == "__main__":
