@@ -167,7 +167,7 @@ def settings(quick):
     bf16 matrix units one step of batch 32 takes minutes."""
     if quick:
         return dict(batch=4, fp32_steps=3, bf16_steps=2, warmup=1, eval_samples=8, bf16_batch=2)
-    return dict(batch=32, fp32_steps=30, bf16_steps=3, warmup=1, eval_samples=512, bf16_batch=32)
+    return dict(batch=32, fp32_steps=30, bf16_steps=2, warmup=1, eval_samples=512, bf16_batch=32)
 
 
 def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16"), in_process=None):
@@ -324,7 +324,7 @@ def profile_step(dtype="fp32", sparse=True, batch=32, work_dir=None, top=12):
             continue
         (m, k), (_, n) = shapes
         seconds = event.self_cpu_time_total / 1e6
-        matmuls.append({"op": event.key, "shapes": f"[{m}, {k}] @ [{k}, {n}]", "calls": event.count,
+        matmuls.append({"op": event.key, "shapes": f"[{m}, {k}] @ [{k}, {n}]", "k": k, "calls": event.count,
                         "self_seconds": seconds, "gflops": 2 * m * k * n * event.count / seconds / 1e9})
     matmuls.sort(key=lambda r: r["self_seconds"], reverse=True)
     return {

@@ -179,6 +179,8 @@ def breakdown(tokenizer, corpus, size_mb, sources, scratch, top=12):
 
     timed("Rust tokenizer alone, non-blank lines (encode_batch, batches of 1000)", lambda: [
         tokenizer.backend_tokenizer.encode_batch(texts[i : i + 1000]) for i in range(0, len(texts), 1000)])
+    timed("Rust tokenizer without character offsets (encode_batch_fast), for comparison", lambda: [
+        tokenizer.backend_tokenizer.encode_batch_fast(texts[i : i + 1000]) for i in range(0, len(texts), 1000)])
     profiler = cProfile.Profile()
     profiler.enable()
     timed("ours: tokenize + pack + save", lambda: ours(raw, tokenizer, None, os.path.join(scratch, "breakdown-cache")))

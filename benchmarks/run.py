@@ -36,6 +36,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SECTIONS = ("peak", "mlm", "profile", "experiments", "preprocess", "glue", "t5", "sweep")
+# The long GLUE comparison last, so the other figures are written early.
+RUN_ORDER = ("peak", "mlm", "profile", "experiments", "preprocess", "sweep", "t5", "glue")
 # Left out of --quick unless named in --only: minutes each here, and their own tests cover the code.
 NOT_IN_QUICK = ("profile", "experiments", "glue")
 RAW_BEGIN, RAW_END = "<!-- raw results: begin -->", "<!-- raw results: end -->"
@@ -428,6 +430,7 @@ def render(results, meta, plots):
                        [(name, wanted, measured, "(quick)" if quick else verdict)
                         for name, wanted, measured, verdict in targets(results)]))
     lines.append("")
+    lines += write_findings(results)
     for section in SECTIONS:
         result = results.get(section)
         if result is not None:
@@ -439,6 +442,125 @@ def render(results, meta, plots):
               "```json", json.dumps({"meta": meta, "results": results}, indent=1, default=str), "```", RAW_END,
               "", "</details>", ""]
     return "\n".join(lines)
+
+
+def _ok(result):
+    return isinstance(result, dict) and "error" not in result and "skipped" not in result
+
+
+def write_findings(results):
+    """What the profiles and experiments say, as sentences built from this run's figures."""
+    notes = []
+    mlm, profile, exp = results.get("mlm"), results.get("profile"), results.get("experiments")
+    peak = results.get("peak")
+    ours = {r["dtype"]: r for r in mlm["rows"] if r["sparse_mlm_head"]} if _ok(mlm) else {}
+    if _ok(profile) and "fp32" in profile:
+        p = profile["fp32"]
+        shares = p["shares"]
+        implied = ""
+        if "fp32" in ours and shares.get("matmul"):
+            implied = (f" MFU / matmul share = {ours['fp32']['mfu'] / shares['matmul']:.0%}: roughly how close the "
+                       "matmuls themselves come to the measured peak (profile and throughput come from different "
+                       "steps, so this is approximate); the gap to 100% MFU is mostly the elementwise time.")
+        notes.append(
+            f"**fp32 MFU ({_pct(ours['fp32']['mfu']) if 'fp32' in ours else 'n/a'}).** In one profiled step "
+            f"(batch {p['batch']}), matrix multiplies take {shares.get('matmul', 0):.0%} of the op time; the rest is "
+            f"elementwise work that does no counted FLOPs: {shares.get('elementwise and other', 0):.0%} elementwise "
+            f"and other ops (GELU, LayerNorm, softmax, residual adds, their backward), {shares.get('dropout RNG', 0):.0%} "
+            f"drawing dropout masks, {shares.get('dtype casts / copies', 0):.0%} copies, {shares.get('optimizer', 0):.0%} "
+            "the fused AdamW update. Training with dropout also keeps SDPA off its fused CPU kernel (flash attention "
+            "on CPU takes no dropout), so attention runs as separate matmul, softmax and dropout ops." + implied)
+    if _ok(exp):
+        inproc = {r["setting"]: r for r in (exp.get("in_process") or {}).get("rows", [])}
+        base = next((r for k, r in inproc.items() if k.startswith("fp32 baseline")), None)
+        if base:
+            changes = []
+            for key, r in inproc.items():
+                if r["dtype"] == "fp32" and r is not base and r["batch"] in (base["batch"], 2 * base["batch"]):
+                    changes.append(f"{key}: {r['tokens_per_second'] / base['tokens_per_second']:.2f}x")
+            notes.append("**Fixes tried (fp32 tokens/s relative to the baseline step, same process, in turns):** "
+                         + "; ".join(changes) + ". Differences of a few percent are inside this machine's noise. "
+                         "torch.compile (the Trainer's --torch_compile) was tried by hand: about 4 minutes of "
+                         "compilation and no faster step at this size.")
+        policy = {r["setting"]: r for r in (exp.get("wait_policy") or {}).get("rows", [])}
+        if len(policy) == 2:
+            default = next(r for k, r in policy.items() if "PASSIVE" not in k)
+            passive = next(r for k, r in policy.items() if "PASSIVE" in k)
+            notes.append(
+                f"**The fix that mattered: OpenMP's wait policy.** A fresh process per run, in turns: libgomp's "
+                f"default {default['step_seconds']:.2f} s per step against {passive['step_seconds']:.2f} s with "
+                f"OMP_WAIT_POLICY=PASSIVE ({default['step_seconds'] / passive['step_seconds']:.1f}x). With other jobs "
+                "on the CPU, a torch thread that finished its share spins and takes the core from the one still "
+                "working (or from the other job), and every parallel region waits for the slowest thread. "
+                "run_mlm.py now sets OMP_WAIT_POLICY=PASSIVE before torch loads (export OMP_WAIT_POLICY=ACTIVE "
+                "to undo); all run_mlm.py figures above include it.")
+    if _ok(profile) and "bf16" in profile:
+        p = profile["bf16"]
+        slow = p.get("matmuls", [{}])[0]
+        fp32_rate = (peak or {}).get("peak_flops", {}).get("fp32") if _ok(peak) else None
+        bf16_rate = (peak or {}).get("peak_flops", {}).get("bf16") if _ok(peak) else None
+        text = (f"**bf16 ({_pct(ours['bf16']['mfu']) if 'bf16' in ours else 'n/a'} MFU).** This CPU has no "
+                "AVX512-BF16 or AMX, so every bf16 matmul goes to ATen's portable kernel; its best rate is "
+                + (f"{bf16_rate / 1e9:.1f} GFLOP/s against {fp32_rate / 1e9:.1f} in fp32. " if bf16_rate and fp32_rate else "")
+                + f"In the profiled bf16 step (batch {p['batch']}) matmuls take {p['shares'].get('matmul', 0):.0%} "
+                "of the op time")
+        if slow:
+            text += f", led by `{slow['shapes']}` at {slow['gflops']:.2f} GFLOP/s"
+            vocab = (mlm or {}).get("settings", {}).get("vocab_size") if _ok(mlm) else None
+            if vocab and slow.get("k") == vocab:
+                text += (": the output layer's gradient with respect to its input, `grad @ W` with both operands "
+                         "row-major, the layout that section 1 shows running tens of times below the others")
+        text += ". Autocast adds a bf16 copy of every weight per step and the casts around each op."
+        inproc = (exp.get("in_process") or {}).get("rows", []) if _ok(exp) else []
+        b = next((r for r in inproc if r["setting"].startswith("bf16 baseline")), None)
+        fix = next((r for r in inproc if r["setting"].startswith("bf16 + fast-layout")), None)
+        f32 = next((r for r in inproc if r["setting"].startswith("fp32 (batch")), None)
+        if b and fix:
+            text += (f" Computing that gradient against a transposed copy of W (an autograd Function around "
+                     f"nn.Linear, in mlm_throughput.py) makes the bf16 step {b['step_seconds'] / fix['step_seconds']:.1f}x "
+                     "faster")
+            if f32:
+                text += f", yet it stays {fix['step_seconds'] / f32['step_seconds']:.1f}x slower than fp32 at the same batch"
+            text += ". So on this CPU the fix is to train in fp32"
+            if "fp32" in ours and "bf16" in ours and not mlm["settings"].get("in_process") \
+                    and ours["bf16"]["peak_memory_mb"] >= 0.9 * ours["fp32"]["peak_memory_mb"]:
+                text += (f" (bf16 saves no memory either: {ours['bf16']['peak_memory_mb']:,.0f} MB peak against "
+                         f"{ours['fp32']['peak_memory_mb']:,.0f} MB; autocast keeps the fp32 weights and adds bf16 copies)")
+            text += ("; bf16 pays off only with bf16 matrix units (AVX512-BF16, AMX, or a GPU). We did not patch "
+                     "nn.Linear in the scripts: it would help only machines that should not use bf16.")
+        notes.append(text)
+    pre = results.get("preprocess")
+    if _ok(pre) and pre.get("breakdown"):
+        steps = pre["breakdown"]["cpu_seconds"]
+        rust = next((v for k, v in steps.items() if k.startswith("Rust tokenizer alone")), None)
+        fast = next((v for k, v in steps.items() if "encode_batch_fast" in k), None)
+        ours_cpu = next((v for k, v in steps.items() if k.startswith("ours")), None)
+        hf_cpu = sum(v for k, v in steps.items() if k.startswith("HF"))
+        if rust and ours_cpu:
+            text = (f"**Preprocessing.** On {pre['breakdown']['size_mb']:.0f} MB in one process, ours takes "
+                    f"{ours_cpu:.1f} CPU s, of which the Rust tokenizer alone needs {rust:.1f}: the pipeline around "
+                    f"it (blank-line filter, Arrow packing, cache save) costs about {max(ours_cpu - rust, 0):.1f} s. The "
+                    f"HF approach takes {hf_cpu:.1f} CPU s ({hf_cpu / ours_cpu:.2f}x): three extra columns to convert "
+                    "and store, and group_texts in Python lists. Both pipelines call the same tokenizer, so no change "
+                    "around it can reach 2x once the tokenizer is most of HF's time.")
+            if fast:
+                text += (f" The one lever left is the tokenizer: its Rust `encode_batch_fast` (no character offsets) "
+                         f"took {fast:.1f} s instead of {rust:.1f}. We left run_mlm.py's `tokenizer(...)` call as "
+                         "it is: it is the place students edit, and the saving would not reach 2x either.")
+            notes.append(text)
+    sweep = results.get("sweep")
+    if _ok(sweep):
+        later = sweep.get("later_trials_max_seconds")
+        notes.append(
+            f"**Sweep overhead.** The slowest later trial reached its first step after {_s(later)}, the first "
+            f"after {_s(sweep['first_trial_seconds'])}; importing run_mlm.py alone took {sweep['import_seconds']:.1f} s "
+            + (f"({sweep['import_cpu_seconds']:.1f} s of CPU) " if sweep.get("import_cpu_seconds") else "")
+            + "of that, at load ~{:.0f}. Later trials load the cached tokenizer and tokenized data instead of "
+              "building them; what remains is that import (torch, transformers' Trainer: a floor no cache removes), "
+              "building the model and Trainer, and the first step itself.".format(sweep["load_before"]))
+    if not notes:
+        return []
+    return ["## What the profiles show", ""] + [n + "\n" for n in notes]
 
 
 def _error_block(result):
@@ -661,15 +783,16 @@ SECTION_WRITERS = {"peak": write_peak, "mlm": write_mlm, "profile": write_profil
                    "preprocess": write_preprocess, "glue": write_glue, "t5": write_t5, "sweep": write_sweep}
 
 
-def read_previous(path):
-    """The raw results embedded in an earlier RESULTS.md, or {}."""
+def read_previous(path, with_meta=False):
+    """The raw results (and run metadata) embedded in an earlier RESULTS.md, or {}."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
         block = text[text.index(RAW_BEGIN) + len(RAW_BEGIN):text.index(RAW_END)]
-        return json.loads(block.strip().removeprefix("```json").removesuffix("```"))["results"]
+        raw = json.loads(block.strip().removeprefix("```json").removesuffix("```"))
+        return (raw["results"], raw["meta"]) if with_meta else raw["results"]
     except (OSError, ValueError, KeyError):
-        return {}
+        return ({}, {}) if with_meta else {}
 
 
 def write_results(results, meta, out_dir):
@@ -692,19 +815,26 @@ def main(argv=None):
                                       "outputs/benchmarks-quick/ with --quick)")
     parser.add_argument("--only", help=f"comma-separated sections to run: {','.join(SECTIONS)}")
     parser.add_argument("--skip", help="comma-separated sections to leave out")
+    parser.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the plots from its raw JSON")
     args = parser.parse_args(argv)
     out_dir = args.out or (os.path.join(REPO_ROOT, "outputs", "benchmarks-quick") if args.quick else HERE)
     os.makedirs(out_dir, exist_ok=True)
+    if args.render:
+        results, meta = read_previous(os.path.join(out_dir, "RESULTS.md"), with_meta=True)
+        if not results:
+            parser.error(f"no raw results in {os.path.join(out_dir, 'RESULTS.md')}")
+        print(f"wrote {write_results(results, meta, out_dir)}")
+        return results
     chosen = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
     skipped = {s.strip() for s in args.skip.split(",")} if args.skip else set()
     unknown = (set(chosen) | skipped) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
-    results = read_previous(os.path.join(out_dir, "RESULTS.md")) if args.only else {}
+    results, previous_meta = read_previous(os.path.join(out_dir, "RESULTS.md"), with_meta=True) if args.only else ({}, {})
     started = time.time()
     meta = {"quick": args.quick, "machine": machine_info(), "load_start": os.getloadavg(), "sections_run": [],
-            "section_seconds": {}}
-    for section in SECTIONS:
+            "section_seconds": dict(previous_meta.get("section_seconds", {}))}
+    for section in RUN_ORDER:
         if section not in chosen or section in skipped or (args.quick and not args.only and section in NOT_IN_QUICK):
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {section} (load {os.getloadavg()[0]:.1f})", flush=True)
