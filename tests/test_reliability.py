@@ -55,8 +55,50 @@ def test_mlm_signal_checkpoints_and_resume_matches_uninterrupted(tmp_path, text_
 
     run_mlm.main(mlm_args(tmp_path, text_corpus, "cut"))  # the same command resumes
     resumed = final_loss(tmp_path / "cut")
+    print(f"run_mlm final loss at step {reference[0]}: uninterrupted {reference[1]:.6f}, resumed {resumed[1]:.6f}")
     assert resumed[0] == reference[0] == 8
     assert abs(resumed[1] - reference[1]) < 1e-4, (resumed, reference)
+
+
+def test_span_t5_sigterm_resume_matches_uninterrupted(tmp_path, text_corpus, monkeypatch):
+    """The same for run_span_t5.py: its noise masks are drawn per batch, so a resumed run must draw the
+    masks the uninterrupted run drew for the batches after the checkpoint."""
+    import run_span_t5
+    from test_run_span_t5 import TINY_T5
+
+    def t5_args(name):
+        return [*TINY_T5, f"--output_dir={tmp_path / name}", "--max_steps=8", "--save_steps=100", "--seed=7",
+                "--do_train", f"--train_file={text_corpus / 'train.txt'}"]
+
+    run_span_t5.main(t5_args("straight"))
+    reference = final_loss(tmp_path / "straight")
+
+    original_train = train_utils.train
+
+    def train_with_signal(trainer, resume_from_checkpoint=None):
+        trainer.add_callback(SignalAtStep(5, signal.SIGTERM))
+        return original_train(trainer, resume_from_checkpoint)
+
+    monkeypatch.setattr(train_utils, "train", train_with_signal)
+    with pytest.raises(SystemExit) as exit_info:
+        run_span_t5.main(t5_args("cut"))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "cut" / "checkpoint-6").is_dir()
+    monkeypatch.setattr(train_utils, "train", original_train)
+
+    run_span_t5.main(t5_args("cut"))
+    cut_history = json.loads((tmp_path / "cut" / "trainer_state.json").read_text())["log_history"]
+    straight_history = json.loads((tmp_path / "straight" / "trainer_state.json").read_text())["log_history"]
+    # Steps 7 and 8 ran after the resume: their losses match the uninterrupted run's step for step,
+    # which they would not if the data order or the noise masks had restarted.
+    after = {h["step"]: h["loss"] for h in cut_history if "loss" in h and h["step"] > 6}
+    expected = {h["step"]: h["loss"] for h in straight_history if "loss" in h and h["step"] > 6}
+    assert sorted(after) == sorted(expected) == [7, 8]
+    for step in after:
+        assert abs(after[step] - expected[step]) < 1e-4, (step, after[step], expected[step])
+    resumed = final_loss(tmp_path / "cut")
+    print(f"run_span_t5 final loss at step {reference[0]}: uninterrupted {reference[1]:.6f}, resumed {resumed[1]:.6f}")
+    assert resumed[0] == reference[0] == 8 and abs(resumed[1] - reference[1]) < 1e-4
 
 
 def test_incomplete_checkpoint_is_skipped(tmp_path, text_corpus, caplog):
