@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel, T5Config, T5ForConditionalGeneration
 
 import data_utils
 import fine_tune_glue
@@ -321,6 +321,28 @@ def test_t5_is_chosen_from_the_config_and_predicts_text(tmp_path, tiny_t5, glue_
     generation = json.loads((out / "generation_config.json").read_text())
     longest = max(len(AutoTokenizer.from_pretrained(tiny_t5)(word).input_ids) for word in ("negative", "positive"))
     assert generation["max_new_tokens"] == longest  # the longest label and </s>, not a free-running decoder
+
+
+def test_model_pretrained_by_run_span_t5_fine_tunes_text_to_text(tmp_path, glue_data):
+    """The hand-off the two scripts promise: run_span_t5.py's saved model and Unigram tokenizer (with its 100
+    sentinels) load here, are recognised as T5, and train and generate label words."""
+    import run_span_t5
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(corpus()), encoding="utf-8")
+    pretrained = tmp_path / "pretrained"
+    run_span_t5.main(["--model_type=t5", "--config_overrides=d_model=32,d_kv=16,num_heads=2,d_ff=64,num_layers=1",
+                      "--tokenizer_vocab_size=300", "--max_seq_length=32", "--per_device_train_batch_size=4",
+                      "--report_to=none", "--disable_tqdm=True", "--max_steps=2", "--save_strategy=no", "--do_train",
+                      f"--train_file={text}", f"--output_dir={pretrained}"])
+    out = tmp_path / "glue"
+    metrics = run(pretrained, out, "--task_name=sst2", f"--data_dir={glue_data / 'SST-2'}", "--do_train", "--do_eval",
+                  "--do_predict", "--max_steps=2")
+    assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_samples"] == 8
+    assert len(read_predictions(out / "predict_results_sst2.txt")) == 6
+    # Text-to-text chosen from the config, no flag: a generating model, not a classification head.
+    assert AutoConfig.from_pretrained(out).architectures == ["T5ForConditionalGeneration"]
+    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] > 0
 
 
 def test_t5_regression_and_pairs(tmp_path, tiny_t5, glue_data):
