@@ -88,7 +88,8 @@ class GlueArguments:
     max_predict_samples: Optional[int] = field(default=None, metadata={
         "help": "Use at most this many test examples (alias: --max_test_samples)."})
     pad_to_max_length: bool = field(default=False, metadata={
-        "help": "Pad all to max_seq_length as HF's run_glue.py does: fixed shapes, but slower than padding per batch."})
+        "help": "Pad all to max_seq_length as HF's run_glue.py does: fixed shapes, but slower than padding per batch. "
+                "Changes the padding only; for run_glue's shuffled order add --train_sampling_strategy=random."})
     text_to_text: Optional[bool] = field(default=None, metadata={
         "help": "true/false. T5-style: input '<task> <field>: <text> ...', the label as a word, predicted by generation; "
                 "an output that is no label counts as wrong, a regression output that is no number as 0.0. "
@@ -208,8 +209,10 @@ def main(argv=None):
     model_args, data_args, glue_args, training_args = train_utils.parse_args_checking_best_model(arg_types, argv)
     given = {item.split("=")[0] for item in argv}
     train_utils.finalize_training_args(training_args, argv, "fine_tune_glue")
-    if "--train_sampling_strategy" not in given and not glue_args.pad_to_max_length:
-        training_args.train_sampling_strategy = "group_by_length"  # similar lengths in a batch: little padding
+    if "--train_sampling_strategy" not in given:
+        # Similar lengths in a batch: little padding. Also under --pad_to_max_length, which changes the padding
+        # and nothing else, so the two settings see the same batches in the same order.
+        training_args.train_sampling_strategy = "group_by_length"
     if not model_args.model_name_or_path:
         raise UserError("--model_name_or_path is required: a pretrained model's Hub id or folder (e.g. bert-base-uncased)")
     if data_args.streaming:

@@ -226,9 +226,14 @@ def test_mnli_matched_and_mismatched(tmp_path, tiny_bert, glue_data, monkeypatch
     assert any("eval/accuracy_mm" in record for record in logged) and any("eval/accuracy" in r for r in logged)
 
 
-def test_pad_to_max_length_keeps_random_sampling(tmp_path, tiny_bert, glue_data):
+def test_pad_to_max_length_changes_the_padding_only(tmp_path, tiny_bert, glue_data):
+    """Same batches in the same order as the default, so comparing the two isolates the padding."""
     out = tmp_path / "padded"
     run(tiny_bert, out, "--task_name=sst2", f"--data_dir={glue_data / 'SST-2'}", "--pad_to_max_length")
+    assert json.loads((out / "run_info.json").read_text())["config"]["train_sampling_strategy"] == "group_by_length"
+    out = tmp_path / "shuffled"
+    run(tiny_bert, out, "--task_name=sst2", f"--data_dir={glue_data / 'SST-2'}", "--pad_to_max_length",
+        "--train_sampling_strategy=random")
     assert json.loads((out / "run_info.json").read_text())["config"]["train_sampling_strategy"] == "random"
 
 
