@@ -456,28 +456,45 @@ def experiments(quick=False, batch=None, rounds=None):
     return {"rounds": rounds, "threads": threads, "load": os.getloadavg()[0], "rows": rows}
 
 
+COMPETING_JOB = "import torch\na = torch.randn(768, 768)\nwhile True:\n    a @ a\n"
+
+
 def wait_policy_ab(quick=False, rounds=None):
     """Seconds per fp32 training step (BERT-mini, sparse head) in fresh processes with libgomp's default wait
-    policy (spin, then sleep) and with OMP_WAIT_POLICY=PASSIVE (what run_mlm.py sets), taken in turns."""
+    policy (spin, then sleep) and with OMP_WAIT_POLICY=PASSIVE (what run_mlm.py sets), taken in turns: on the
+    machine as it is, and beside a competing job (another 2-thread torch process doing matmuls, as a second
+    training run on the same cores would)."""
     import statistics
 
     batch, steps = (4, 2) if quick else (32, 3)
-    rounds = rounds or (1 if quick else 3)
+    rounds = rounds or (1 if quick else 2)
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import mlm_throughput as m; "
             f"print(m.median_step_seconds({batch}, {steps}))")
-    times = {"libgomp default (spin, then sleep)": [], "OMP_WAIT_POLICY=PASSIVE": []}
-    for _ in range(rounds):
-        for name in times:
+    settings = ("libgomp default (spin, then sleep)", "OMP_WAIT_POLICY=PASSIVE")
+    rows = []
+    for condition in ("alone", "beside a competing 2-thread job"):
+        competitor = None
+        if condition != "alone":
             env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-            if "PASSIVE" in name:
-                env["OMP_WAIT_POLICY"] = "PASSIVE"
-            out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                                 check=True)
-            times[name].append(float(out.stdout.strip().splitlines()[-1]))
-    return {"batch": batch, "rounds": rounds, "load": os.getloadavg()[0],
-            "rows": [{"setting": name, "step_seconds": statistics.median(values), "all": values,
-                      "tokens_per_second": batch * SEQ_LEN / statistics.median(values)}
-                     for name, values in times.items()]}
+            competitor = subprocess.Popen([sys.executable, "-c", COMPETING_JOB], env=env)
+            time.sleep(2)
+        times = {name: [] for name in settings}
+        try:
+            for _ in range(rounds):
+                for name in settings:
+                    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+                    if "PASSIVE" in name:
+                        env["OMP_WAIT_POLICY"] = "PASSIVE"
+                    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
+                                         text=True, check=True)
+                    times[name].append(float(out.stdout.strip().splitlines()[-1]))
+        finally:
+            if competitor is not None:
+                competitor.kill()
+                competitor.wait()
+        rows += [{"condition": condition, "setting": name, "step_seconds": statistics.median(values), "all": values,
+                  "tokens_per_second": batch * SEQ_LEN / statistics.median(values)} for name, values in times.items()]
+    return {"batch": batch, "rounds": rounds, "load": os.getloadavg()[0], "rows": rows}
 
 
 def median_step_seconds(batch, steps):

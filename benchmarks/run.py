@@ -359,7 +359,8 @@ def make_plots(results, out_dir):
     rows = (experiments.get("in_process") or {}).get("rows", []) + (experiments.get("wait_policy") or {}).get("rows", [])
     if rows:
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
-        ax.barh([r["setting"][:60] for r in rows], [r["tokens_per_second"] for r in rows])
+        ax.barh([(f"{r['setting']}, {r['condition']}" if r.get("condition") else r["setting"])[:70] for r in rows],
+                [r["tokens_per_second"] for r in rows])
         ax.set_xlabel("tokens/s (BERT-mini, sparse head)")
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=7)
@@ -482,18 +483,22 @@ def write_findings(results):
                          + "; ".join(changes) + ". Differences of a few percent are inside this machine's noise. "
                          "torch.compile (the Trainer's --torch_compile) was tried by hand: about 4 minutes of "
                          "compilation and no faster step at this size.")
-        policy = {r["setting"]: r for r in (exp.get("wait_policy") or {}).get("rows", [])}
-        if len(policy) == 2:
-            default = next(r for k, r in policy.items() if "PASSIVE" not in k)
-            passive = next(r for k, r in policy.items() if "PASSIVE" in k)
+        policy = (exp.get("wait_policy") or {}).get("rows", [])
+        by = {(r.get("condition", "alone"), "PASSIVE" in r["setting"]): r["step_seconds"] for r in policy}
+        parts = []
+        for condition in dict.fromkeys(r.get("condition", "alone") for r in policy):
+            default, passive = by.get((condition, False)), by.get((condition, True))
+            if default and passive:
+                parts.append(f"{condition}: libgomp's default {default:.2f} s per step, PASSIVE {passive:.2f} s "
+                             f"({default / passive:.2f}x)")
+        if parts:
             notes.append(
-                f"**The fix that mattered: OpenMP's wait policy.** A fresh process per run, in turns: libgomp's "
-                f"default {default['step_seconds']:.2f} s per step against {passive['step_seconds']:.2f} s with "
-                f"OMP_WAIT_POLICY=PASSIVE ({default['step_seconds'] / passive['step_seconds']:.1f}x). With other jobs "
-                "on the CPU, a torch thread that finished its share spins and takes the core from the one still "
-                "working (or from the other job), and every parallel region waits for the slowest thread. "
-                "run_mlm.py now sets OMP_WAIT_POLICY=PASSIVE before torch loads (export OMP_WAIT_POLICY=ACTIVE "
-                "to undo); all run_mlm.py figures above include it.")
+                "**OpenMP's wait policy** (a fresh process per run, in turns): " + "; ".join(parts) + ". By default "
+                "a torch thread that finished its share of a parallel region spins, waiting for the next one; when "
+                "another job shares the cores, the spinning takes the CPU from the thread still working (or from the "
+                "other job), and every region waits for its slowest thread. PASSIVE threads sleep instead, which "
+                "costs little or nothing on an idle machine. run_mlm.py sets OMP_WAIT_POLICY=PASSIVE before torch "
+                "loads (export OMP_WAIT_POLICY=ACTIVE to undo); all run_mlm.py figures above include it.")
     if _ok(profile) and "bf16" in profile:
         p = profile["bf16"]
         slow = p.get("matmuls", [{}])[0]
@@ -690,8 +695,8 @@ def write_experiments(result, plots):
     if policy:
         lines += [f"OpenMP wait policy, fresh process each, in turns ({policy['rounds']} rounds, batch "
                   f"{policy['batch']}, load {policy['load']:.1f}):", ""]
-        lines += [table(["setting", "s/step (median)", "tokens/s", "all runs s"],
-                        [(r["setting"], f"{r['step_seconds']:.2f}", _num(r["tokens_per_second"]),
+        lines += [table(["condition", "setting", "s/step (median)", "tokens/s", "all runs s"],
+                        [(r.get("condition", "alone"), r["setting"], f"{r['step_seconds']:.2f}", _num(r["tokens_per_second"]),
                           ", ".join(f"{v:.2f}" for v in r["all"])) for r in policy["rows"]]), ""]
     return lines + _image(plots, "experiments")
 

@@ -83,3 +83,15 @@ def test_run_writes_results_and_plots(tmp_path, monkeypatch):
     # --only reads the other sections back from RESULTS.md
     previous = bench.read_previous(str(out / "RESULTS.md"))
     assert previous["preprocess"]["rows"] == json.loads(json.dumps(results["preprocess"]["rows"]))
+
+
+def test_cached_peak_only_goes_up(monkeypatch):
+    """A peak measured while the machine was busy reads low; the cache keeps the best rate seen, so the live
+    train/mfu is never divided by a stale low figure (it once read 149%)."""
+    import train_utils
+
+    rates = iter([5e10, 2e10, 9e10])
+    monkeypatch.setattr(train_utils, "measure_peak_flops", lambda dtype, **kwargs: next(rates))
+    assert train_utils.cached_peak_flops(torch.float64) == 5e10  # first measurement remembered
+    assert train_utils.cached_peak_flops(torch.float64) == 5e10  # a busier moment does not lower it
+    assert train_utils.cached_peak_flops(torch.float64) == 9e10  # a quieter one raises it
