@@ -119,9 +119,14 @@ def load_tokenizer(model_args, data_args, mlm_args, training_args, raw_datasets,
     cached = os.path.join(data_utils.cache_root(model_args.cache_dir), "tokenizers", key)
     for folder in (training_args.output_dir, cached):
         if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            train_utils.logger.info("Loaded the tokenizer trained earlier from %s", folder)
             return AutoTokenizer.from_pretrained(folder)
     texts = data_utils.batched_texts(train.take(200_000) if data_args.streaming else train, text_column)
-    return data_utils.train_wordpiece_tokenizer(texts, mlm_args.tokenizer_vocab_size, model_max_length, output_dir=cached)
+    tokenizer = data_utils.train_wordpiece_tokenizer(texts, mlm_args.tokenizer_vocab_size, model_max_length,
+                                                     output_dir=cached)
+    train_utils.logger.info("Trained a WordPiece tokenizer (%d ids) on the training text; saved to %s", len(tokenizer),
+                            cached)
+    return tokenizer
 
 
 def main(argv=None):

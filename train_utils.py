@@ -127,7 +127,11 @@ def prepare_output_dir(training_args, data_args, script_name, config=None):
     out = training_args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_dir {out!r} is a file; give a folder path")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, RUN_MARKER)):
+    # A sweep trial's own folder (sweep.py sets SWEEP_TRIAL_DIR) holds the agent's command, log and metrics files.
+    trial_dir = os.environ.get("SWEEP_TRIAL_DIR")
+    agents_folder = bool(trial_dir) and os.path.realpath(out) == os.path.realpath(trial_dir)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, RUN_MARKER)) \
+            and not agents_folder:
         raise UserError(
             f"--output_dir {out!r} holds files this script did not write; choose an empty or new --output_dir"
         )

@@ -502,3 +502,39 @@ def test_invalid_config_from_the_command_line(workdir):
     assert proc.returncode == 2
     assert proc.stderr.startswith("sweep config error: ") and proc.stderr.count("\n") == 1
     assert "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_bayes_sweep_of_run_mlm_finishes_offline_and_reuses_the_cache(workdir, text_corpus, monkeypatch):
+    """The real thing, end to end: 4 bayes trials of run_mlm.py (tiny BERT, 3 steps each), each reporting
+    through its metrics file; trials after the first load the tokenizer and tokenized data from the cache."""
+    from conftest import TINY_BERT
+
+    monkeypatch.setenv("HF_SCRIPTS_CACHE", str(workdir / "cache"))  # empty: the first trial builds it
+
+    cfg = {
+        "program": str(ROOT / "run_mlm.py"), "method": "bayes", "name": "mlm-bayes",
+        "metric": {"name": "eval/loss", "goal": "minimize"},
+        "parameters": {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+                       "weight_decay": {"values": [0.0, 0.01]}},
+        "command": ["${env}", "${interpreter}", "${program}", "${args}", *TINY_BERT, "--max_steps=3",
+                    f"--train_file={text_corpus / 'train.txt'}", f"--validation_file={text_corpus / 'validation.txt'}",
+                    "--save_strategy=no", "--output_dir=${envvar:SWEEP_TRIAL_DIR}"],
+    }
+    path = workdir / "mlm.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    result = run(path, "--count", "4")
+    assert [r["state"] for r in result.records] == ["finished"] * 4, [r.get("log_tail") for r in result.records]
+    assert all(math.isfinite(r["value"]) for r in result.records)
+    assert result.best["value"] == min(r["value"] for r in result.records)
+    out = workdir / "sweeps_runs" / "mlm-bayes"
+    for number in range(4):
+        trial = out / f"trial-{number}"
+        records = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()]
+        assert any("eval/loss" in r for r in records) and any("train/seconds_to_first_step" in r for r in records)
+        assert (trial / "all_results.json").is_file()  # the trial's own output_dir
+        log = (trial / "log.txt").read_text()
+        if number == 0:
+            assert "Trained a WordPiece tokenizer" in log and "Saved tokenized data to cache" in log
+        else:
+            assert "Loaded the tokenizer trained earlier" in log and "Loaded tokenized data from cache" in log
