@@ -264,6 +264,20 @@ def pack_token_ids(batch, block_size):
     return pa.table(packed)
 
 
+def token_ids(tokenizer, texts):
+    """{"input_ids": one list of token ids per text, special tokens added}: what
+    `tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)` returns, computed faster.
+
+    For a fast (Rust) tokenizer this calls its `encode_batch_fast`, which skips the character offsets that
+    `tokenizer(...)` always computes and then throws away (about 30% of tokenizing time, the largest cost of
+    preprocessing). Other tokenizers, and Rust ones set to truncate or pad, take the usual call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is None or backend.truncation is not None or backend.padding is not None:
+        return dict(tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False))
+    return {"input_ids": [encoding.ids for encoding in fast(texts, add_special_tokens=True)]}
+
+
 def tokenizer_fingerprint(tokenizer):
     """A stable hash of what a tokenizer does, for the tokenized-data cache key."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -180,6 +180,8 @@ def main(argv=None):
     # 5. Preprocessing. ADAPT: how text becomes training examples.
     def tokenize(batch):
         texts = [t for t in batch[text_column] if t and not t.isspace()]  # blank lines carry nothing
+        if not (mlm_args.line_by_line or mlm_args.pad_to_max_length or mlm_args.whole_word_mask):
+            return data_utils.token_ids(tokenizer, texts)  # packing: ids only, without character offsets
         return tokenizer(
             texts, truncation=mlm_args.line_by_line, max_length=max_seq_length if mlm_args.line_by_line else None,
             padding="max_length" if mlm_args.pad_to_max_length else False, return_attention_mask=False,

@@ -297,7 +297,7 @@ def main(argv=None):
         texts = [t for t in batch[text_column] if t and not t.isspace()]  # blank lines carry nothing
         # T5 tokenizers end every text with </s>, so packed documents stay apart; packing cuts long texts, so
         # the warning about texts longer than model_max_length does not apply (verbose=False).
-        return tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        return data_utils.token_ids(tokenizer, texts)  # = tokenizer(texts) without attention masks or offsets
 
     if tokenizer("a")["input_ids"][-1] != tokenizer.eos_token_id:
         train_utils.logger.warning("The tokenizer does not end texts with %s: packed documents run into each other",

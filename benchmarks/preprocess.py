@@ -61,8 +61,7 @@ def ours(raw, tokenizer, num_proc, cache_dir, block_size=BLOCK_SIZE):
 
     def tokenize(batch):
         texts = [t for t in batch[text_column] if t and not t.isspace()]
-        return tokenizer(texts, truncation=False, max_length=None, padding=False, return_attention_mask=False,
-                         return_token_type_ids=False, return_offsets_mapping=False)
+        return data_utils.token_ids(tokenizer, texts)
 
     key = (data_utils.tokenizer_fingerprint(tokenizer), block_size, False, False, False)
     tokenized = data_utils.cached_map(raw, tokenize, key + ("tok",), cache_dir, False, batched=True,

@@ -192,3 +192,20 @@ def test_wikitext_bert_mini_reaches_hf_perplexity(tmp_path):
     ])
     print(f"wikitext perplexity {metrics['perplexity']:.1f}, {metrics.get('train_tokens_per_second')} tokens/s")
     assert metrics["perplexity"] <= 1500
+
+
+def test_token_ids_equal_the_tokenizer_call(tmp_path):
+    """data_utils.token_ids (Rust encode_batch_fast, no offsets) gives exactly what tokenizer(texts) gives, for
+    a WordPiece and a T5 Unigram tokenizer; a Rust tokenizer left set to truncate takes the usual call."""
+    import data_utils
+    from conftest import SENTENCES
+
+    texts = SENTENCES + ["Ünïcödé — ﬁne “quotes”", "a" * 300, "x"]
+    wordpiece = data_utils.train_wordpiece_tokenizer([SENTENCES], 200, 64)
+    unigram = data_utils.train_t5_unigram_tokenizer(SENTENCES * 3, 150, output_dir=tmp_path / "t5", num_sentinels=4)
+    for tokenizer in (wordpiece, unigram):
+        expected = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        assert data_utils.token_ids(tokenizer, texts)["input_ids"] == expected
+    wordpiece.backend_tokenizer.enable_truncation(8)  # state left on the Rust tokenizer: the fast path would apply it
+    expected = wordpiece(texts, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    assert max(map(len, expected)) > 8 and data_utils.token_ids(wordpiece, texts)["input_ids"] == expected
