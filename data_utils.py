@@ -270,11 +270,17 @@ def token_ids(tokenizer, texts):
 
     For a fast (Rust) tokenizer this calls its `encode_batch_fast`, which skips the character offsets that
     `tokenizer(...)` always computes and then throws away (about 30% of tokenizing time, the largest cost of
-    preprocessing). Other tokenizers, and Rust ones set to truncate or pad, take the usual call."""
+    preprocessing). Many tokenizer.json files on the Hub (BERT's, MiniLM's) come with truncation and padding
+    switched on in the Rust tokenizer; `tokenizer(...)` without truncation or padding switches them off
+    before encoding, and so do we. Slow (Python) tokenizers take the usual call."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     fast = getattr(backend, "encode_batch_fast", None)
-    if fast is None or backend.truncation is not None or backend.padding is not None:
+    if fast is None:
         return dict(tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False))
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
     return {"input_ids": [encoding.ids for encoding in fast(texts, add_special_tokens=True)]}
 
 

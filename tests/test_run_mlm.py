@@ -196,16 +196,29 @@ def test_wikitext_bert_mini_reaches_hf_perplexity(tmp_path):
 
 def test_token_ids_equal_the_tokenizer_call(tmp_path):
     """data_utils.token_ids (Rust encode_batch_fast, no offsets) gives exactly what tokenizer(texts) gives, for
-    a WordPiece and a T5 Unigram tokenizer; a Rust tokenizer left set to truncate takes the usual call."""
+    a WordPiece and a T5 Unigram tokenizer, also when the Rust tokenizer comes set to truncate and pad (as
+    BERT's and MiniLM's tokenizer.json do), and it does take the fast path then."""
     import data_utils
     from conftest import SENTENCES
 
     texts = SENTENCES + ["Ünïcödé — ﬁne “quotes”", "a" * 300, "x"]
     wordpiece = data_utils.train_wordpiece_tokenizer([SENTENCES], 200, 64)
     unigram = data_utils.train_t5_unigram_tokenizer(SENTENCES * 3, 150, output_dir=tmp_path / "t5", num_sentinels=4)
+    expected = {}
     for tokenizer in (wordpiece, unigram):
-        expected = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        assert data_utils.token_ids(tokenizer, texts)["input_ids"] == expected
-    wordpiece.backend_tokenizer.enable_truncation(8)  # state left on the Rust tokenizer: the fast path would apply it
-    expected = wordpiece(texts, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-    assert max(map(len, expected)) > 8 and data_utils.token_ids(wordpiece, texts)["input_ids"] == expected
+        expected[tokenizer] = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        assert max(map(len, expected[tokenizer])) > 8
+        tokenizer.backend_tokenizer.enable_truncation(8)  # state a tokenizer.json can carry
+        tokenizer.backend_tokenizer.enable_padding(length=16)
+        assert data_utils.token_ids(tokenizer, texts)["input_ids"] == expected[tokenizer]
+
+    class NoSlowCall:
+        """The wrapped tokenizer, but calling it (the slow path) fails."""
+
+        backend_tokenizer = wordpiece.backend_tokenizer
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("token_ids took the slow path")
+
+    wordpiece.backend_tokenizer.enable_truncation(8)
+    assert data_utils.token_ids(NoSlowCall(), texts)["input_ids"] == expected[wordpiece]
