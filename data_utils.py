@@ -311,7 +311,16 @@ def cached_map(dataset, function, key_parts, cache_dir=None, overwrite=False, de
             return loaded
         except Exception as err:  # a half-written or foreign folder: rebuild it
             logger.warning("Ignoring unreadable tokenized-data cache %s (%s)", path, err)
-    result = dataset.map(function, desc=desc, **map_kwargs)
+
+    def map_split(split, name):
+        # Our key already says what the result depends on; naming the fingerprint spares datasets from
+        # hashing `function` by pickling it (the tokenizer with its whole vocabulary: ~10% of tokenizing time).
+        return split.map(function, desc=desc, new_fingerprint=f"{key}-{name}", **map_kwargs)
+
+    if isinstance(dataset, DatasetDict):
+        result = DatasetDict({name: map_split(split, name) for name, split in dataset.items()})
+    else:
+        result = map_split(dataset, "all")
     tmp = f"{path}.tmp{os.getpid()}"
     result.save_to_disk(tmp)
     if os.path.isdir(path):  # overwrite_cache, or an unreadable copy: replace it
