@@ -466,8 +466,8 @@ def wait_policy_ab(quick=False, rounds=None):
     training run on the same cores would)."""
     import statistics
 
-    batch, steps = (4, 2) if quick else (32, 3)
-    rounds = rounds or (1 if quick else 2)
+    batch, steps = (4, 2) if quick else (32, 6)
+    rounds = rounds or (1 if quick else 3)
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import mlm_throughput as m; "
             f"print(m.median_step_seconds({batch}, {steps}))")
     settings = ("libgomp default (spin, then sleep)", "OMP_WAIT_POLICY=PASSIVE")

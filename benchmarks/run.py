@@ -501,20 +501,26 @@ def write_findings(results):
                          "compilation and no faster step at this size.")
         policy = (exp.get("wait_policy") or {}).get("rows", [])
         by = {(r.get("condition", "alone"), "PASSIVE" in r["setting"]): r["step_seconds"] for r in policy}
-        parts = []
+        parts, ratios = [], {}
         for condition in dict.fromkeys(r.get("condition", "alone") for r in policy):
             default, passive = by.get((condition, False)), by.get((condition, True))
             if default and passive:
+                ratios[condition] = default / passive
                 parts.append(f"{condition}: libgomp's default {default:.2f} s per step, PASSIVE {passive:.2f} s "
                              f"({default / passive:.2f}x)")
         if parts:
+            alone = ratios.get("alone")
+            cost = ("" if alone is None else
+                    f" On an idle machine it cost {1 / alone - 1:.0%} per step in this run." if alone < 0.97 else
+                    " On an idle machine it made no measurable difference in this run.")
             notes.append(
                 "**OpenMP's wait policy** (a fresh process per run, in turns): " + "; ".join(parts) + ". By default "
                 "a torch thread that finished its share of a parallel region spins, waiting for the next one; when "
                 "another job shares the cores, the spinning takes the CPU from the thread still working (or from the "
-                "other job), and every region waits for its slowest thread. PASSIVE threads sleep instead, which "
-                "costs little or nothing on an idle machine. run_mlm.py sets OMP_WAIT_POLICY=PASSIVE before torch "
-                "loads (export OMP_WAIT_POLICY=ACTIVE to undo); all run_mlm.py figures above include it.")
+                "other job), and every region waits for its slowest thread. PASSIVE threads sleep instead and must "
+                "be woken for the next region." + cost + " run_mlm.py sets OMP_WAIT_POLICY=PASSIVE before torch "
+                "loads unless the variable is already set (export OMP_WAIT_POLICY=ACTIVE for the spinning default); "
+                "all run_mlm.py figures above include it.")
     if _ok(profile) and "bf16" in profile:
         p = profile["bf16"]
         slow = p.get("matmuls", [{}])[0]
