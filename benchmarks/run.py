@@ -270,6 +270,11 @@ def targets(results):
     batch = (t5.get("train") or {}).get("batch")
     rows.append((f"T5 collation share of a training step (t5-small, batch {batch})", f"< {TARGETS['collator_share']:.0%}", _pct(share, 2),
                  judge(share, TARGETS["collator_share"], higher_is_better=False)))
+    for row in (t5.get("train") or {}).get("rows", []):
+        dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(row.get("dtype"), row.get("dtype"))
+        mfu = row.get("mfu")
+        rows.append((f"MFU of run_span_t5.py's step (t5-small, {dtype})", f">= {TARGETS['mfu']:.0%}", _pct(mfu),
+                     judge(mfu, TARGETS["mfu"])))
     sweep = results.get("sweep") or {}
     later = sweep.get("later_trials_max_seconds")
     rows.append(("Sweep: later trials' seconds to first step (slowest)", f"< {TARGETS['later_trial_seconds']:.0f} s",
@@ -519,7 +524,7 @@ def write_findings(results):
                 "another job shares the cores, the spinning takes the CPU from the thread still working (or from the "
                 "other job), and every region waits for its slowest thread. PASSIVE threads sleep instead and must "
                 "be woken for the next region." + cost + " run_mlm.py sets OMP_WAIT_POLICY=PASSIVE before torch "
-                "loads unless the variable is already set (export OMP_WAIT_POLICY=ACTIVE for the spinning default); "
+                "loads unless the variable is already set (export OMP_WAIT_POLICY=ACTIVE to keep threads spinning); "
                 "all run_mlm.py figures above include it.")
     if _ok(profile) and "bf16" in profile:
         p = profile["bf16"]
