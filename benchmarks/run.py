@@ -323,7 +323,7 @@ def make_plots(results, out_dir):
 
     def save(fig, name, section):
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        fig.savefig(os.path.join(out_dir, name), dpi=110, bbox_inches="tight")
         plt.close(fig)
         made[section] = name
 
