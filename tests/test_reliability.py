@@ -35,7 +35,7 @@ def mlm_args(tmp_path, corpus, name):
             f"--train_file={corpus / 'train.txt'}", f"--validation_file={corpus / 'validation.txt'}", "--seed=7"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_mlm_signal_checkpoints_and_resume_matches_uninterrupted(tmp_path, text_corpus, monkeypatch, signum):
     run_mlm.main(mlm_args(tmp_path, text_corpus, "straight"))
     reference = final_loss(tmp_path / "straight")

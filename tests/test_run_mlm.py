@@ -190,7 +190,7 @@ def test_wikitext_bert_mini_reaches_hf_perplexity(tmp_path):
         "--logging_steps=50", "--save_strategy=no", "--report_to=none", "--disable_tqdm=True",
         f"--output_dir={tmp_path / 'wiki'}",
     ])
-    print(f"wikitext perplexity {metrics['perplexity']:.1f}, {metrics.get('train_tokens_per_second')} tokens/s")
+    print(f"wikitext perplexity {metrics['perplexity']:.1f}, {200 * 32 * 128 / metrics['train_runtime']:.0f} tokens/s")
     assert metrics["perplexity"] <= 1500
 
 
