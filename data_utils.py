@@ -315,7 +315,9 @@ def cached_map(dataset, function, key_parts, cache_dir=None, overwrite=False, de
     def map_split(split, name):
         # Our key already says what the result depends on; naming the fingerprint spares datasets from
         # hashing `function` by pickling it (the tokenizer with its whole vocabulary: ~10% of tokenizing time).
-        return split.map(function, desc=desc, new_fingerprint=f"{key}-{name}", **map_kwargs)
+        # The name no longer changes with `function`, so on overwrite datasets must not reuse its own cache file.
+        return split.map(function, desc=desc, new_fingerprint=f"{key}-{name}", load_from_cache_file=not overwrite,
+                         **map_kwargs)
 
     if isinstance(dataset, DatasetDict):
         result = DatasetDict({name: map_split(split, name) for name, split in dataset.items()})

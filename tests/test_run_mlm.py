@@ -222,3 +222,16 @@ def test_token_ids_equal_the_tokenizer_call(tmp_path):
 
     wordpiece.backend_tokenizer.enable_truncation(8)
     assert data_utils.token_ids(NoSlowCall(), texts)["input_ids"] == expected[wordpiece]
+
+
+def test_overwrite_cache_runs_the_edited_function(tmp_path):
+    """--overwrite_cache after editing the preprocessing (the ADAPT section) gives the new result, from a
+    file-backed dataset whose own datasets cache already holds the old one."""
+    import data_utils
+
+    (tmp_path / "t.txt").write_text("a b\nc d\n")
+    raw = data_utils.load_data_file(str(tmp_path / "t.txt"), "--train_file", cache_dir=str(tmp_path / "hf"))
+    cache = str(tmp_path / "ours")
+    old = data_utils.cached_map(raw, lambda b: {"x": [1] * len(b["text"])}, ("k",), cache, batched=True)
+    new = data_utils.cached_map(raw, lambda b: {"x": [2] * len(b["text"])}, ("k",), cache, overwrite=True, batched=True)
+    assert list(old["x"]) == [1, 1] and list(new["x"]) == [2, 2]
