@@ -315,8 +315,9 @@ def cached_map(dataset, function, key_parts, cache_dir=None, overwrite=False, de
     def map_split(split, name):
         # Our key already says what the result depends on; naming the fingerprint spares datasets from
         # hashing `function` by pickling it (the tokenizer with its whole vocabulary: ~10% of tokenizing time).
-        # The name no longer changes with `function`, so on overwrite datasets must not reuse its own cache file.
-        return split.map(function, desc=desc, new_fingerprint=f"{key}-{name}", load_from_cache_file=not overwrite,
+        # That name does not change when `function` is edited, so datasets must never reuse its own cache file
+        # for it: we only get here when our cache missed (or --overwrite_cache), and then we compute.
+        return split.map(function, desc=desc, new_fingerprint=f"{key}-{name}", load_from_cache_file=False,
                          **map_kwargs)
 
     if isinstance(dataset, DatasetDict):

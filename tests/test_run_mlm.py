@@ -225,8 +225,10 @@ def test_token_ids_equal_the_tokenizer_call(tmp_path):
 
 
 def test_overwrite_cache_runs_the_edited_function(tmp_path):
-    """--overwrite_cache after editing the preprocessing (the ADAPT section) gives the new result, from a
-    file-backed dataset whose own datasets cache already holds the old one."""
+    """--overwrite_cache (or deleting our cache folder) after editing the preprocessing (the ADAPT section)
+    gives the new result, from a file-backed dataset whose own datasets cache already holds the old one."""
+    import shutil
+
     import data_utils
 
     (tmp_path / "t.txt").write_text("a b\nc d\n")
@@ -235,3 +237,6 @@ def test_overwrite_cache_runs_the_edited_function(tmp_path):
     old = data_utils.cached_map(raw, lambda b: {"x": [1] * len(b["text"])}, ("k",), cache, batched=True)
     new = data_utils.cached_map(raw, lambda b: {"x": [2] * len(b["text"])}, ("k",), cache, overwrite=True, batched=True)
     assert list(old["x"]) == [1, 1] and list(new["x"]) == [2, 2]
+    shutil.rmtree(cache)
+    again = data_utils.cached_map(raw, lambda b: {"x": [3] * len(b["text"])}, ("k",), cache, batched=True)
+    assert list(again["x"]) == [3, 3]
