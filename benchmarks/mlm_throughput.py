@@ -470,21 +470,19 @@ def wait_policy_ab(quick=False, rounds=None):
     rounds = rounds or (1 if quick else 3)
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import mlm_throughput as m; "
             f"print(m.median_step_seconds({batch}, {steps}))")
-    settings = ("libgomp default (spin, then sleep)", "OMP_WAIT_POLICY=PASSIVE")
+    default_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    settings = {"libgomp default (spin, then sleep)": default_env,
+                "OMP_WAIT_POLICY=PASSIVE": {**default_env, "OMP_WAIT_POLICY": "PASSIVE"}}
     rows = []
     for condition in ("alone", "beside a competing 2-thread job"):
         competitor = None
         if condition != "alone":
-            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-            competitor = subprocess.Popen([sys.executable, "-c", COMPETING_JOB], env=env)
+            competitor = subprocess.Popen([sys.executable, "-c", COMPETING_JOB], env=default_env)
             time.sleep(2)
         times = {name: [] for name in settings}
         try:
             for _ in range(rounds):
-                for name in settings:
-                    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-                    if "PASSIVE" in name:
-                        env["OMP_WAIT_POLICY"] = "PASSIVE"
+                for name, env in settings.items():
                     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
                                          text=True, check=True)
                     times[name].append(float(out.stdout.strip().splitlines()[-1]))
