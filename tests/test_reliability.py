@@ -30,6 +30,23 @@ def final_loss(output_dir):
     return losses[-1]
 
 
+def interrupt(main, argv, step, signum, monkeypatch):
+    """Run `main(argv)` with `signum` sent in the middle of step `step + 1`; it must exit with 128 + signum."""
+    original_train = train_utils.train
+
+    def train_with_signal(trainer, resume_from_checkpoint=None):
+        trainer.add_callback(SignalAtStep(step, signum))
+        return original_train(trainer, resume_from_checkpoint)
+
+    monkeypatch.setattr(train_utils, "train", train_with_signal)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+    finally:
+        monkeypatch.setattr(train_utils, "train", original_train)
+    assert exit_info.value.code == 128 + signum
+
+
 def mlm_args(tmp_path, corpus, name):
     return [*TINY_BERT, f"--output_dir={tmp_path / name}", "--max_steps=8", "--save_steps=100",
             f"--train_file={corpus / 'train.txt'}", f"--validation_file={corpus / 'validation.txt'}", "--seed=7"]
@@ -40,18 +57,8 @@ def test_mlm_signal_checkpoints_and_resume_matches_uninterrupted(tmp_path, text_
     run_mlm.main(mlm_args(tmp_path, text_corpus, "straight"))
     reference = final_loss(tmp_path / "straight")
 
-    original_train = train_utils.train
-
-    def train_with_signal(trainer, resume_from_checkpoint=None):
-        trainer.add_callback(SignalAtStep(3, signum))
-        return original_train(trainer, resume_from_checkpoint)
-
-    monkeypatch.setattr(train_utils, "train", train_with_signal)
-    with pytest.raises(SystemExit) as exit_info:
-        run_mlm.main(mlm_args(tmp_path, text_corpus, "cut"))
-    assert exit_info.value.code == 128 + signum
+    interrupt(run_mlm.main, mlm_args(tmp_path, text_corpus, "cut"), 3, signum, monkeypatch)
     assert (tmp_path / "cut" / "checkpoint-4").is_dir()  # the step in flight was finished, then saved
-    monkeypatch.setattr(train_utils, "train", original_train)
 
     run_mlm.main(mlm_args(tmp_path, text_corpus, "cut"))  # the same command resumes
     resumed = final_loss(tmp_path / "cut")
@@ -73,18 +80,8 @@ def test_span_t5_sigterm_resume_matches_uninterrupted(tmp_path, text_corpus, mon
     run_span_t5.main(t5_args("straight"))
     reference = final_loss(tmp_path / "straight")
 
-    original_train = train_utils.train
-
-    def train_with_signal(trainer, resume_from_checkpoint=None):
-        trainer.add_callback(SignalAtStep(5, signal.SIGTERM))
-        return original_train(trainer, resume_from_checkpoint)
-
-    monkeypatch.setattr(train_utils, "train", train_with_signal)
-    with pytest.raises(SystemExit) as exit_info:
-        run_span_t5.main(t5_args("cut"))
-    assert exit_info.value.code == 128 + signal.SIGTERM
+    interrupt(run_span_t5.main, t5_args("cut"), 5, signal.SIGTERM, monkeypatch)
     assert (tmp_path / "cut" / "checkpoint-6").is_dir()
-    monkeypatch.setattr(train_utils, "train", original_train)
 
     run_span_t5.main(t5_args("cut"))
     cut_history = json.loads((tmp_path / "cut" / "trainer_state.json").read_text())["log_history"]
