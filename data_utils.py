@@ -233,6 +233,16 @@ def load_raw_datasets(model_args, data_args, seed=42):
     return raw
 
 
+def column_names(raw_datasets):
+    """The columns of the training split (else the validation split). A streaming dataset whose features are
+    not declared up front (local text files, the first time they are read) is asked for its first example."""
+    split = raw_datasets["train" if "train" in raw_datasets else "validation"]
+    if split.features is not None:
+        return list(split.features)
+    first = next(iter(split), None)
+    return list(first) if first is not None else []
+
+
 def pick_text_column(column_names, wanted=None):
     """The column holding the text: `wanted` if given, else 'text', else the first column."""
     if wanted:
@@ -245,11 +255,16 @@ def pick_text_column(column_names, wanted=None):
 def pack_token_ids(batch, block_size):
     """Concatenate the tokens of a batch of documents and cut them into rows of exactly `block_size`.
 
-    `batch` is a pyarrow Table (map over a dataset formatted as "arrow"): flattening a list column and
-    re-slicing it into fixed-size rows are zero-copy, so no Python object is built per token. Every list
-    column is packed the same way (input_ids, and offset_mapping for whole-word masking). The tail that
-    does not fill a row is dropped, as in the Hugging Face examples.
+    `batch` is what a tokenizer returned ({"input_ids": one list per text, ...}), or a pyarrow Table of such
+    list columns. Lists become Arrow arrays in one C++ pass; flattening them and re-slicing the result into
+    fixed-size rows are zero-copy, so no Python object is built per token. Every list column is packed the
+    same way (input_ids, and offset_mapping for whole-word masking), ids as int32. The tail that does not
+    fill a row is dropped, as in the Hugging Face examples. Returns a pyarrow Table, which `Dataset.map`
+    writes as it is (and `IterableDataset.map` takes from a function over a dataset formatted as "arrow").
     """
+    if not isinstance(batch, pa.Table):
+        batch = pa.table({name: pa.array(values, type=pa.list_(pa.int32()) if name == "input_ids" else None)
+                          for name, values in batch.items()})
     packed = {}
     for name in batch.column_names:
         column = batch[name]
@@ -258,10 +273,19 @@ def pack_token_ids(batch, block_size):
         while hasattr(flat.type, "value_type"):  # offsets are (start, end) pairs: keep the pairs together
             width = flat.type.list_size if hasattr(flat.type, "list_size") and flat.type.list_size > 0 else 2
             flat = pc.list_flatten(flat)
+        if flat.type != pa.int32():
+            flat = flat.cast(pa.int32())
         usable = len(flat) // (block_size * width) * block_size * width
         rows = pa.FixedSizeListArray.from_arrays(flat.slice(0, usable), width) if width > 1 else flat.slice(0, usable)
         packed[name] = pa.FixedSizeListArray.from_arrays(rows, block_size)
     return pa.table(packed)
+
+
+def non_blank(texts):
+    """The texts of a batch column (a list, or a pyarrow array) that are not empty or whitespace only."""
+    if not isinstance(texts, list):
+        texts = texts.to_pylist()
+    return [t for t in texts if t and not t.isspace()]
 
 
 def token_ids(tokenizer, texts):

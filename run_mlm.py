@@ -27,6 +27,7 @@ from typing import Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import evaluate
+import pyarrow as pa
 import numpy as np
 import transformers
 from transformers import (
@@ -148,7 +149,7 @@ def main(argv=None):
 
     # 3. Datasets
     raw_datasets = data_utils.load_raw_datasets(model_args, data_args, seed=training_args.seed)
-    column_names = list(raw_datasets["train" if "train" in raw_datasets else "validation"].features)
+    column_names = data_utils.column_names(raw_datasets)
     text_column = data_utils.pick_text_column(column_names, mlm_args.text_column_name)
 
     # 4. Model and tokenizer
@@ -178,31 +179,33 @@ def main(argv=None):
     sparse_head = mlm_args.sparse_mlm_head and train_utils.enable_sparse_mlm_head(model)
 
     # 5. Preprocessing. ADAPT: how text becomes training examples.
-    def tokenize(batch):
-        texts = [t for t in batch[text_column] if t and not t.isspace()]  # blank lines carry nothing
-        if not (mlm_args.line_by_line or mlm_args.pad_to_max_length or mlm_args.whole_word_mask):
-            return data_utils.token_ids(tokenizer, texts)  # packing: ids only, without character offsets
-        return tokenizer(
-            texts, truncation=mlm_args.line_by_line, max_length=max_seq_length if mlm_args.line_by_line else None,
-            padding="max_length" if mlm_args.pad_to_max_length else False, return_attention_mask=False,
-            return_token_type_ids=False, return_offsets_mapping=mlm_args.whole_word_mask,
-        )
+    packing = not mlm_args.line_by_line
 
-    map_args = dict(batched=True, remove_columns=column_names)
+    def tokenize(batch):  # batch: a pyarrow Table (the data is formatted as "arrow" below)
+        texts = data_utils.non_blank(batch[text_column])  # blank lines carry nothing
+        if packing and not (mlm_args.pad_to_max_length or mlm_args.whole_word_mask):
+            encoded = data_utils.token_ids(tokenizer, texts)  # ids only, without character offsets
+        else:
+            encoded = tokenizer(
+                texts, truncation=mlm_args.line_by_line, max_length=max_seq_length if mlm_args.line_by_line else None,
+                padding="max_length" if mlm_args.pad_to_max_length else False, return_attention_mask=False,
+                return_token_type_ids=False, return_offsets_mapping=mlm_args.whole_word_mask,
+            )
+        if not packing:
+            return pa.table(dict(encoded))
+        # Packing, in the same pass: the texts' tokens joined and cut into blocks of exactly max_seq_length
+        # (no padding at all; each text keeps its [CLS] ... [SEP]).
+        return data_utils.pack_token_ids(encoded, max_seq_length)
+
+    map_args = dict(batched=True, batch_size=10_000, remove_columns=column_names,
+                    desc=f"Tokenizing and packing into blocks of {max_seq_length}" if packing else "Tokenizing")
     if not data_args.streaming:
         map_args["num_proc"] = data_args.preprocessing_num_workers
     key = (data_utils.tokenizer_fingerprint(tokenizer), max_seq_length, mlm_args.line_by_line,
            mlm_args.pad_to_max_length, mlm_args.whole_word_mask)
     with training_args.main_process_first(desc="tokenizing"):
-        tokenized = data_utils.cached_map(raw_datasets, tokenize, key + ("tok",), model_args.cache_dir,
-                                          data_args.overwrite_cache, **map_args)
-        if not mlm_args.line_by_line:  # pack into blocks of exactly max_seq_length tokens: no padding at all
-            pack = dict(batched=True, batch_size=10_000, fn_kwargs={"block_size": max_seq_length})
-            if not data_args.streaming:
-                pack["num_proc"] = data_args.preprocessing_num_workers
-            tokenized = data_utils.cached_map(tokenized.with_format("arrow"), data_utils.pack_token_ids, key + ("pack",),
-                                              model_args.cache_dir, data_args.overwrite_cache,
-                                              desc=f"Packing into blocks of {max_seq_length}", **pack).with_format(None)
+        tokenized = data_utils.cached_map(raw_datasets.with_format("arrow"), tokenize, key, model_args.cache_dir,
+                                          data_args.overwrite_cache, **map_args).with_format(None)
     train_dataset = tokenized["train"] if training_args.do_train else None
     eval_dataset = tokenized["validation"] if training_args.do_eval else None
     if train_dataset is not None and data_args.max_train_samples:
@@ -217,6 +220,8 @@ def main(argv=None):
         tokenizer, mlm_probability=mlm_args.mlm_probability, whole_word_mask=mlm_args.whole_word_mask,
         pad_to_multiple_of=8 if training_args.bf16 or training_args.fp16 else None, seed=training_args.seed,
     )
+    if mlm_args.whole_word_mask:  # the collator reads offset_mapping, which the model's forward does not take
+        training_args.remove_unused_columns = False
     accuracy = evaluate.load(os.path.join(HERE, "metrics", "mlm_accuracy"))
 
     def argmax_logits(logits, labels):  # keep token ids, never full-vocabulary logits

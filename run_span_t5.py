@@ -248,7 +248,7 @@ def main(argv=None):
 
     # 3. Datasets
     raw_datasets = data_utils.load_raw_datasets(model_args, data_args, seed=training_args.seed)
-    column_names = list(raw_datasets["train" if "train" in raw_datasets else "validation"].features)
+    column_names = data_utils.column_names(raw_datasets)
     text_column = data_utils.pick_text_column(column_names, t5_args.text_column_name)
 
     # 4. Model and tokenizer
@@ -293,31 +293,26 @@ def main(argv=None):
     raw_length, target_length = collator.raw_length, collator.target_length
 
     # 5. Preprocessing. ADAPT: how text becomes training examples.
-    def tokenize(batch):
-        texts = [t for t in batch[text_column] if t and not t.isspace()]  # blank lines carry nothing
-        # T5 tokenizers end every text with </s>, so packed documents stay apart; packing cuts long texts, so
-        # the warning about texts longer than model_max_length does not apply (verbose=False).
-        return data_utils.token_ids(tokenizer, texts)  # = tokenizer(texts) without attention masks or offsets
+    def tokenize_and_pack(batch):  # batch: a pyarrow Table (the data is formatted as "arrow" below)
+        texts = data_utils.non_blank(batch[text_column])  # blank lines carry nothing
+        # T5 tokenizers end every text with </s>, so packed documents stay apart.
+        encoded = data_utils.token_ids(tokenizer, texts)  # = tokenizer(texts) without attention masks or offsets
+        # Rows of exactly raw_length tokens, which span corruption turns into max_seq_length encoder and
+        # target_length decoder tokens: fixed shapes, no padding anywhere.
+        return data_utils.pack_token_ids(encoded, raw_length)
 
     if tokenizer("a")["input_ids"][-1] != tokenizer.eos_token_id:
         train_utils.logger.warning("The tokenizer does not end texts with %s: packed documents run into each other",
                                    tokenizer.eos_token)
-    map_args = dict(batched=True, remove_columns=column_names)
+    map_args = dict(batched=True, batch_size=10_000, remove_columns=column_names,
+                    desc=f"Tokenizing and packing into rows of {raw_length}")
     if not data_args.streaming:
         map_args["num_proc"] = data_args.preprocessing_num_workers
-    key = (data_utils.tokenizer_fingerprint(tokenizer),)
+    key = (data_utils.tokenizer_fingerprint(tokenizer), "pack", raw_length)
     with training_args.main_process_first(desc="tokenizing"):
-        tokenized = data_utils.cached_map(raw_datasets, tokenize, key + ("tok",), model_args.cache_dir,
-                                          data_args.overwrite_cache, **map_args)
-        # Pack into rows of exactly raw_length tokens, which span corruption turns into max_seq_length encoder and
-        # target_length decoder tokens: fixed shapes, no padding anywhere.
-        pack = dict(batched=True, batch_size=10_000, fn_kwargs={"block_size": raw_length})
-        if not data_args.streaming:
-            pack["num_proc"] = data_args.preprocessing_num_workers
         # numpy rows reach the collator as arrays: one np.stack per batch instead of converting Python ints.
-        tokenized = data_utils.cached_map(tokenized.with_format("arrow"), data_utils.pack_token_ids, key + ("pack", raw_length),
-                                          model_args.cache_dir, data_args.overwrite_cache,
-                                          desc=f"Packing into rows of {raw_length}", **pack).with_format("numpy")
+        tokenized = data_utils.cached_map(raw_datasets.with_format("arrow"), tokenize_and_pack, key, model_args.cache_dir,
+                                          data_args.overwrite_cache, **map_args).with_format("numpy")
     train_dataset = tokenized["train"] if training_args.do_train else None
     eval_dataset = tokenized["validation"] if training_args.do_eval else None
     if train_dataset is not None and data_args.max_train_samples:

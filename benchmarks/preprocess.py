@@ -8,9 +8,10 @@ The corpus is ../shared WikiText-2 (or the embedded corpus when that is missing)
 .txt file of at least --size-mb. Both pipelines get the same tokenizer, the same raw Dataset (loaded afresh
 into an empty cache folder for every timed run, so nothing is reused) and the same num_proc:
 
-  ours  run_mlm.py's preprocessing: blank lines dropped, only input_ids asked of the tokenizer, then
-        data_utils.pack_token_ids on Arrow tables; both steps through data_utils.cached_map, so the timing
-        includes saving the result where the next run (a sweep's next trial) loads it from.
+  ours  run_mlm.py's preprocessing: blank lines dropped, only input_ids asked of the tokenizer, and in the
+        same map call data_utils.pack_token_ids cuts them into blocks with Arrow; through
+        data_utils.cached_map, so the timing includes saving the result where the next run (a sweep's next
+        trial) loads it from.
   HF    the approach of Hugging Face's examples/pytorch/language-modeling/run_mlm.py (written here from its
         description): tokenize every line keeping all the tokenizer's columns plus special_tokens_mask,
         then `group_texts`, which concatenates each column's Python lists (itertools.chain) and slices them
@@ -60,15 +61,12 @@ def ours(raw, tokenizer, num_proc, cache_dir, block_size=BLOCK_SIZE):
     text_column = "text"
 
     def tokenize(batch):
-        texts = [t for t in batch[text_column] if t and not t.isspace()]
-        return data_utils.token_ids(tokenizer, texts)
+        encoded = data_utils.token_ids(tokenizer, data_utils.non_blank(batch[text_column]))
+        return data_utils.pack_token_ids(encoded, block_size)
 
     key = (data_utils.tokenizer_fingerprint(tokenizer), block_size, False, False, False)
-    tokenized = data_utils.cached_map(raw, tokenize, key + ("tok",), cache_dir, False, batched=True,
-                                      remove_columns=[text_column], num_proc=num_proc)
-    packed = data_utils.cached_map(tokenized.with_format("arrow"), data_utils.pack_token_ids, key + ("pack",),
-                                   cache_dir, False, desc=f"Packing into blocks of {block_size}", batched=True,
-                                   batch_size=10_000, fn_kwargs={"block_size": block_size}, num_proc=num_proc)
+    packed = data_utils.cached_map(raw.with_format("arrow"), tokenize, key, cache_dir, False, batched=True,
+                                   batch_size=10_000, remove_columns=[text_column], num_proc=num_proc)
     return packed.with_format(None)
 
 

@@ -59,6 +59,65 @@ def test_streaming_needs_max_steps_and_runs(tmp_path, text_corpus):
     assert math.isfinite(metrics["eval_loss"])
 
 
+def test_pack_token_ids_cuts_the_joined_texts_into_full_blocks():
+    """Packing joins the texts' tokens in order and cuts exactly block_size per row, dropping the tail; offsets
+    (for whole-word masking) are packed pair by pair alongside; a dataset batch formatted as "arrow" packs the same."""
+    import pyarrow as pa
+
+    import data_utils
+
+    ids = [[101, 5, 6, 102], [101, 7, 102], [], [101, 8, 9, 10, 11, 102]]  # 13 tokens: 3 rows of 4, 1 left over
+    offsets = [[(0, 0), (0, 1), (2, 3), (0, 0)], [(0, 0), (0, 2), (0, 0)], [],
+               [(0, 0), (0, 1), (1, 2), (3, 5), (5, 6), (0, 0)]]
+    joined = [t for row in ids for t in row]
+    joined_offsets = [list(pair) for row in offsets for pair in row]
+    packed = data_utils.pack_token_ids({"input_ids": ids, "offset_mapping": offsets}, 4)
+    assert packed.column("input_ids").to_pylist() == [joined[0:4], joined[4:8], joined[8:12]]
+    assert packed.column("offset_mapping").to_pylist() == [joined_offsets[0:4], joined_offsets[4:8], joined_offsets[8:12]]
+    assert packed.schema.field("input_ids").type == pa.list_(pa.int32(), 4)
+    assert data_utils.pack_token_ids(pa.table({"input_ids": ids}), 4).column("input_ids").equals(packed.column("input_ids"))
+    assert data_utils.pack_token_ids({"input_ids": ids}, 14).num_rows == 0
+
+
+def test_packed_offsets_let_whole_word_masking_mask_whole_words():
+    """Packed offset_mapping rows stay aligned with their tokens (a piece continues the word before it exactly
+    when WordPiece marks it "##"), and the collator masks every piece of a word or none."""
+    import numpy as np
+
+    import data_utils
+    from conftest import SENTENCES
+
+    tokenizer = data_utils.train_wordpiece_tokenizer([SENTENCES], 120, 64)  # small vocabulary: words split into pieces
+    encoded = tokenizer(SENTENCES * 4, return_offsets_mapping=True, return_attention_mask=False, return_token_type_ids=False)
+    packed = data_utils.pack_token_ids(encoded, 16).to_pylist()
+    collator = data_utils.FastMLMCollator(tokenizer, mlm_probability=0.4, whole_word_mask=True, seed=0)
+    batch = collator(packed)
+    labels, special = batch["labels"].numpy(), np.isin(np.array([row["input_ids"] for row in packed]), tokenizer.all_special_ids)
+    words_seen = split_words = 0
+    for row, offsets in enumerate(row["offset_mapping"] for row in packed):
+        word = []  # positions of the current word's pieces: a piece that starts where the previous one ended
+        for position, (start, end) in enumerate(offsets + [(-1, -1)]):
+            continues = word and position < len(offsets) and not special[row, position] and start == offsets[word[-1]][1]
+            if 0 < position < len(offsets):  # ids and offsets still belong together: WordPiece marks continuations
+                # "##" (a row's first piece may continue a word cut by the row before)
+                assert bool(continues) == tokenizer.convert_ids_to_tokens(packed[row]["input_ids"][position]).startswith("##")
+            if not continues:
+                if word:
+                    words_seen += 1
+                    split_words += len(word) > 1
+                    assert len({labels[row, p] != -100 for p in word}) == 1, (row, word)
+                word = [] if position == len(offsets) or special[row, position] else [position]
+            else:
+                word.append(position)
+    assert split_words > 5 and (labels != -100).any()
+
+
+@pytest.mark.parametrize("mode", [["--whole_word_mask"], ["--streaming", "--line_by_line"]])
+def test_whole_word_mask_and_streaming_line_by_line_run(tmp_path, text_corpus, mode):
+    metrics = run(tmp_path, *mode, corpus=text_corpus, name="run")
+    assert math.isfinite(metrics["eval_loss"])
+
+
 def test_line_by_line_differs_from_packed(tmp_path, text_corpus):
     packed = run(tmp_path, "--max_eval_samples=1000", corpus=text_corpus, name="packed")
     lines = run(tmp_path, "--line_by_line", "--pad_to_max_length", corpus=text_corpus, name="lines")
