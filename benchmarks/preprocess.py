@@ -6,7 +6,9 @@
 
 The corpus is ../shared WikiText-2 (or the embedded corpus when that is missing) repeated into one temporary
 .txt file of at least --size-mb. Both pipelines get the same tokenizer, the same raw Dataset (loaded afresh
-into an empty cache folder for every timed run, so nothing is reused) and the same num_proc:
+into an empty cache folder for every timed run, so nothing is reused) and the same num_proc. Every timed run
+is a fresh Python process with the tokenizer's threading at its default (TOKENIZERS_PARALLELISM unset), as
+a user's run is; the pipelines take turns, 3 rounds by default, and the median counts:
 
   ours  run_mlm.py's preprocessing: blank lines dropped, only input_ids asked of the tokenizer, and in the
         same map call data_utils.pack_token_ids cuts them into blocks with Arrow; through
@@ -17,13 +19,16 @@ into an empty cache folder for every timed run, so nothing is reused) and the sa
         then `group_texts`, which concatenates each column's Python lists (itertools.chain) and slices them
         into blocks.
 
-Other code can call `run(quick=False, size_mb=None, num_procs=(1, 2), breakdown_mb=None)`.
+Other code can call `run(quick=False, size_mb=None, num_procs=(1, 2), breakdown_mb=None, rounds=None)`.
 """
 
 import argparse
+import json
 import os
 import resource
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,37 +121,73 @@ def time_pipeline(name, corpus, tokenizer, num_proc, scratch):
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def run(quick=False, size_mb=None, num_procs=(1, 2), work_dir=None, breakdown_mb=None):
-    """Time both pipelines for every num_proc; returns rows, per-num_proc speed-ups and the set-up."""
+def time_in_fresh_process(name, corpus, tokenizer_path, num_proc, scratch):
+    """time_pipeline in a new Python process, as a user's run starts: nothing imported, warmed or forked before,
+    and the tokenizer's threading at its default (TOKENIZERS_PARALLELISM unset: the Rust tokenizer uses every
+    core in the process that calls it; in a forked worker it runs single-threaded only if the parent had
+    already used it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    job = json.dumps({"name": name, "corpus": corpus, "tokenizer": tokenizer_path, "num_proc": num_proc, "scratch": scratch})
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--time-one", job], env=env, capture_output=True,
+                          text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"preprocess {name} num_proc={num_proc} failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def _time_one(job):
     import datasets
     from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
+    job = json.loads(job)
+    tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
+    print(json.dumps(time_pipeline(job["name"], job["corpus"], tokenizer, job["num_proc"], job["scratch"])), flush=True)
+
+
+def run(quick=False, size_mb=None, num_procs=(1, 2), work_dir=None, breakdown_mb=None, rounds=None):
+    """Time both pipelines for every num_proc, each run in a fresh process, `rounds` times in turns (ours, HF,
+    ours, HF, ...); rows carry the median of the rounds and every run's time. Returns rows, per-num_proc
+    speed-ups (of the medians) and the set-up."""
+    from transformers import AutoTokenizer
+
     size_mb = size_mb or (5 if quick else 50)
+    rounds = rounds or (1 if quick else 3)
     scratch = tempfile.mkdtemp(prefix="preprocess_bench_", dir=work_dir)
     try:
         tokenizer_path, tokenizer_note = bench_tokenizer(os.path.join(scratch, "tokenizer"))
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         train, valid, corpus_note = corpus_files(os.path.join(scratch, "embedded"))
         corpus = os.path.join(scratch, "corpus.txt")
         size = make_corpus(corpus, size_mb, [train, valid])
+        runs = {}
+        for round_ in range(rounds):
+            for num_proc in num_procs:
+                for name in ("ours", "hf"):
+                    row = time_in_fresh_process(name, corpus, tokenizer_path, num_proc, scratch)
+                    runs.setdefault((num_proc, name), []).append(row)
+                    print(f"  preprocess round {round_ + 1}/{rounds} {name} num_proc={num_proc}: {row['seconds']:.1f} s "
+                          f"(CPU {row['cpu_seconds']:.1f} s, load {row['load_before']:.1f})", flush=True)
         rows = []
-        for num_proc in num_procs:
-            for name in ("ours", "hf"):
-                row = time_pipeline(name, corpus, tokenizer, num_proc, scratch)
-                row["mb_per_second"] = size / 1e6 / row["seconds"]
-                rows.append(row)
-                print(f"  preprocess {name} num_proc={num_proc}: {row['seconds']:.1f} s "
-                      f"({row['mb_per_second']:.2f} MB/s, load {row['load_before']:.1f})", flush=True)
+        for (num_proc, name), timed in runs.items():
+            row = dict(sorted(timed, key=lambda r: r["seconds"])[len(timed) // 2])  # the median run
+            row["all_seconds"] = [r["seconds"] for r in timed]
+            row["cpu_seconds"] = statistics.median(r["cpu_seconds"] for r in timed)
+            row["mb_per_second"] = size / 1e6 / row["seconds"]
+            rows.append(row)
         speedups, cpu_speedups = {}, {}
         for num_proc in num_procs:
             pair = {r["pipeline"]: r for r in rows if r["num_proc"] == num_proc}
             speedups[num_proc] = pair["hf"]["seconds"] / pair["ours"]["seconds"]
             cpu_speedups[num_proc] = pair["hf"]["cpu_seconds"] / pair["ours"]["cpu_seconds"]
         result = {"corpus_mb": size / 1e6, "corpus": corpus_note, "tokenizer": tokenizer_note, "block_size": BLOCK_SIZE,
-                  "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset"),
+                  "tokenizers_parallelism": "unset (the library default)", "rounds": rounds,
                   "rows": rows, "speedup": speedups, "cpu_speedup": cpu_speedups}
         if breakdown_mb:
+            import datasets
+
+            datasets.disable_progress_bars()
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
             result["breakdown"] = breakdown(tokenizer, corpus if breakdown_mb >= size_mb else None, breakdown_mb,
                                             [train, valid], scratch)
         return result
@@ -201,15 +242,20 @@ def breakdown(tokenizer, corpus, size_mb, sources, scratch, top=12):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 5 MB corpus")
+    parser.add_argument("--quick", action="store_true", help="a 5 MB corpus, one round")
     parser.add_argument("--size-mb", type=float, default=None)
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=None, help="runs of each pipeline, in turns (default 3; 1 with --quick)")
     parser.add_argument("--breakdown-mb", type=float, default=None,
                         help="also break the CPU time down by step on a corpus of this size (in one process)")
+    parser.add_argument("--time-one", default=None, help=argparse.SUPPRESS)  # the child process of one timed run
     args = parser.parse_args()
-    result = run(args.quick, args.size_mb, tuple(args.num_proc), breakdown_mb=args.breakdown_mb)
+    if args.time_one:
+        return _time_one(args.time_one)
+    result = run(args.quick, args.size_mb, tuple(args.num_proc), breakdown_mb=args.breakdown_mb, rounds=args.rounds)
     for row in result["rows"]:
-        print(f"{row['pipeline']:<5} num_proc={row['num_proc']}: {row['seconds']:7.1f} s  {row['mb_per_second']:6.2f} MB/s"
+        print(f"{row['pipeline']:<5} num_proc={row['num_proc']}: {row['seconds']:7.1f} s (median of "
+              f"{', '.join(f'{s:.1f}' for s in row['all_seconds'])})  {row['mb_per_second']:6.2f} MB/s"
               f"  {row['blocks']} blocks, columns {row['columns']}")
     for num_proc, speedup in result["speedup"].items():
         print(f"num_proc={num_proc}: ours is {speedup:.2f}x faster ({result['cpu_speedup'][num_proc]:.2f}x less CPU)")

@@ -251,9 +251,7 @@ def targets(results):
                  _pct(gap, 2) if gap is not None else "n/a", judge(gap, TARGETS["perplexity_gap"], higher_is_better=False)))
     pre = results.get("preprocess") or {}
     for num_proc, speedup in (pre.get("speedup") or {}).items():
-        if num_proc in (None, "null"):
-            continue  # reported in its section; the target names num_proc 1 and 2
-        rows.append((f"Preprocessing {pre.get('corpus_mb', 0):.0f} MB, ours vs HF (num_proc={num_proc})",
+        rows.append((f"Preprocessing {pre.get('corpus_mb', 0):.0f} MB, ours vs HF (num_proc={_proc(num_proc)})",
                      f">= {TARGETS['preprocess_speedup']:.0f}x", _x(speedup), judge(speedup, TARGETS["preprocess_speedup"])))
     glue = (results.get("glue") or {}).get("result") or {}
     rows.append(("GLUE SST-2 training, default padding vs pad to 128", f">= {TARGETS['glue_speedup']:.0f}x",
@@ -732,14 +730,21 @@ def write_preprocess(result, plots):
     lines = ["## 3. Preprocessing: tokenize and pack", ""]
     if (error := _error_block(result)) is not None:
         return lines + error
+    rounds = result.get("rounds", 1)
     lines += [f"{result['corpus_mb']:.0f} MB ({result['corpus']}, repeated), tokenizer: {result['tokenizer']}, "
-              f"blocks of {result['block_size']}; each run in a fresh cache folder (nothing reused); "
-              f"TOKENIZERS_PARALLELISM={result['tokenizers_parallelism']}. Ours includes saving the result to the "
-              "cache that the next run loads.", ""]
-    lines += [table(["pipeline", "num_proc", "seconds", "CPU seconds", "MB/s", "blocks", "columns", "load before / after"],
+              f"blocks of {result['block_size']}; each run in a fresh cache folder (nothing reused) and, from this "
+              f"version on, a fresh Python process with TOKENIZERS_PARALLELISM={result['tokenizers_parallelism']}, "
+              "as a user's run starts. With num_proc None the Rust tokenizer then uses both cores in the calling "
+              "process; with num_proc 1 or 2 `datasets` sets TOKENIZERS_PARALLELISM=false for its workers, so each "
+              f"worker tokenizes on one core. {rounds} round(s), the pipelines in turns; seconds are the median "
+              "run, all runs in the last column. Ours includes saving the result to the cache that the next run "
+              "loads.", ""]
+    lines += [table(["pipeline", "num_proc", "seconds", "CPU seconds", "MB/s", "blocks", "columns", "load before / after",
+                     "runs s"],
                     [("ours" if r["pipeline"] == "ours" else "HF approach", _proc(r["num_proc"]), f"{r['seconds']:.1f}",
                       _num(r.get("cpu_seconds"), 1), f"{r['mb_per_second']:.2f}", _num(r["blocks"]), ", ".join(r["columns"]),
-                      f"{r['load_before']:.1f} / {r['load_after']:.1f}") for r in result["rows"]]), ""]
+                      f"{r['load_before']:.1f} / {r['load_after']:.1f}",
+                      ", ".join(f"{x:.1f}" for x in r.get("all_seconds", [r["seconds"]]))) for r in result["rows"]]), ""]
     cpu = result.get("cpu_speedup") or {}
     lines.append("Speed-up of ours (wall time; CPU time in brackets, which the other jobs disturb less): " +
                  ", ".join(f"num_proc={_proc(p)}: {_x(v)} ({_x(cpu.get(p))})" for p, v in result["speedup"].items()) +

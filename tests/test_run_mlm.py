@@ -118,6 +118,21 @@ def test_whole_word_mask_and_streaming_line_by_line_run(tmp_path, text_corpus, m
     assert math.isfinite(metrics["eval_loss"])
 
 
+def test_worker_processes_and_a_local_dataset_folder(tmp_path, text_corpus):
+    """--preprocessing_num_workers maps in a pool of worker processes (each packs its own shard); --dataset_name
+    takes what load_dataset takes, here a local folder with train.txt and validation.txt instead of a Hub name."""
+    one = run(tmp_path, "--overwrite_cache", corpus=text_corpus, name="one")
+    two = run(tmp_path, "--preprocessing_num_workers=2", "--overwrite_cache", corpus=text_corpus, name="two")
+    # The tokenizer of the first run: training one again on the same text need not give the same vocabulary
+    # (tokenizers' WordPiece trainer breaks ties in hash-map order; huggingface/tokenizers#1794).
+    folder = run(tmp_path, f"--dataset_name={text_corpus}", f"--tokenizer_name={tmp_path / 'one'}", name="folder")
+    assert math.isfinite(two["eval_loss"]) and math.isfinite(folder["eval_loss"])
+    # the same text and tokenizer, so the same blocks from the folder; two shards may each drop a tail, so one
+    # block fewer at most
+    assert folder["eval_loss"] == pytest.approx(one["eval_loss"])
+    assert one["train_samples"] - 1 <= two["train_samples"] <= one["train_samples"]
+
+
 def test_line_by_line_differs_from_packed(tmp_path, text_corpus):
     packed = run(tmp_path, "--max_eval_samples=1000", corpus=text_corpus, name="packed")
     lines = run(tmp_path, "--line_by_line", "--pad_to_max_length", corpus=text_corpus, name="lines")
