@@ -282,9 +282,9 @@ def pack_token_ids(batch, block_size):
 
 
 def non_blank(texts):
-    """The texts of a batch column (a list, or a pyarrow array) that are not empty or whitespace only."""
+    """The texts of a batch column (a list, a pyarrow array, any iterable) that are not empty or whitespace only."""
     if not isinstance(texts, list):
-        texts = texts.to_pylist()
+        texts = texts.to_pylist() if hasattr(texts, "to_pylist") else list(texts)
     return [t for t in texts if t and not t.isspace()]
 
 
