@@ -70,7 +70,8 @@ class MLMArguments:
     )
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens to mask (BERT: 0.15)."})
     whole_word_mask: bool = field(
-        default=False, metadata={"help": "Mask all sub-tokens of a word together (needs a fast tokenizer)."}
+        default=False, metadata={"help": "Mask all sub-tokens of a word together (needs a fast tokenizer); every "
+                                 "chosen token becomes [MASK], as transformers' collator has no random replacement for it."}
     )
     tokenizer_vocab_size: int = field(
         default=8192,
@@ -218,6 +219,8 @@ def main(argv=None):
     # 6. Collator and metrics. ADAPT: masking scheme and what is measured.
     collator = data_utils.FastMLMCollator(
         tokenizer, mlm_probability=mlm_args.mlm_probability, whole_word_mask=mlm_args.whole_word_mask,
+        # BERT's 80% [MASK] / 10% random / 10% kept; whole-word masking in transformers is [MASK] only
+        mask_replace_prob=1.0 if mlm_args.whole_word_mask else 0.8, random_replace_prob=0.0 if mlm_args.whole_word_mask else 0.1,
         pad_to_multiple_of=8 if training_args.bf16 or training_args.fp16 else None, seed=training_args.seed,
     )
     if mlm_args.whole_word_mask:  # the collator reads offset_mapping, which the model's forward does not take

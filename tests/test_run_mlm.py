@@ -90,7 +90,8 @@ def test_packed_offsets_let_whole_word_masking_mask_whole_words():
     tokenizer = data_utils.train_wordpiece_tokenizer([SENTENCES], 120, 64)  # small vocabulary: words split into pieces
     encoded = tokenizer(SENTENCES * 4, return_offsets_mapping=True, return_attention_mask=False, return_token_type_ids=False)
     packed = data_utils.pack_token_ids(encoded, 16).to_pylist()
-    collator = data_utils.FastMLMCollator(tokenizer, mlm_probability=0.4, whole_word_mask=True, seed=0)
+    collator = data_utils.FastMLMCollator(tokenizer, mlm_probability=0.4, whole_word_mask=True, mask_replace_prob=1.0,
+                                          random_replace_prob=0.0, seed=0)
     batch = collator(packed)
     labels, special = batch["labels"].numpy(), np.isin(np.array([row["input_ids"] for row in packed]), tokenizer.all_special_ids)
     words_seen = split_words = 0
