@@ -124,8 +124,8 @@ def time_pipeline(name, corpus, tokenizer, num_proc, scratch):
 def time_in_fresh_process(name, corpus, tokenizer_path, num_proc, scratch):
     """time_pipeline in a new Python process, as a user's run starts: nothing imported, warmed or forked before,
     and the tokenizer's threading at its default (TOKENIZERS_PARALLELISM unset: the Rust tokenizer uses every
-    core in the process that calls it; in a forked worker it runs single-threaded only if the parent had
-    already used it)."""
+    core in the process that calls it; for num_proc >= 1, `datasets` sets TOKENIZERS_PARALLELISM=false for
+    its worker processes, so each of them tokenizes on one core)."""
     env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
     job = json.dumps({"name": name, "corpus": corpus, "tokenizer": tokenizer_path, "num_proc": num_proc, "scratch": scratch})
     done = subprocess.run([sys.executable, os.path.abspath(__file__), "--time-one", job], env=env, capture_output=True,
@@ -206,7 +206,7 @@ def breakdown(tokenizer, corpus, size_mb, sources, scratch, top=12):
         corpus = os.path.join(scratch, "breakdown.txt")
         make_corpus(corpus, size_mb, sources)
     raw = load_raw(corpus, os.path.join(scratch, "breakdown-datasets"))
-    texts = [t for t in raw["text"] if t and not t.isspace()]
+    texts = data_utils.non_blank(raw["text"])
     steps = {}
 
     def timed(name, function):
