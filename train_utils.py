@@ -4,6 +4,7 @@ throughput/MFU and sweep-metrics callbacks, the W&B run config, and results file
 Nothing here is a place students are expected to edit; the task-specific code stays in the scripts.
 """
 
+import ctypes
 import inspect
 import json
 import logging
@@ -332,6 +333,28 @@ class ThroughputCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(added)
         self._last = (now, tokens)
+
+
+def keep_freed_memory_for_reuse():
+    """Make glibc's malloc keep memory that a CPU training step frees, for the next step to reuse.
+
+    A step frees and re-allocates the same large tensors every time (activations, the output layer's logits,
+    gradients). By default glibc serves each large block with its own mmap and unmaps it when freed, and
+    trims free memory off its heap, so every step faulted those tensors back in as fresh zeroed pages:
+    ~90,000 page faults per BERT-mini step, over half of the process's kernel time (benchmarks/RESULTS.md,
+    "Fixes tried"). With mmap and trimming off the heap keeps them; the process then holds its peak heap
+    until it exits. Left alone when GLIBC_TUNABLES or a MALLOC_* variable is set (your setting wins) and
+    on C libraries other than glibc. Returns True if it changed the settings.
+    """
+    if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: other C libraries may lack or ignore these settings
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>; a trim threshold of -1 turns trimming off
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def peak_memory_mb():
@@ -666,6 +689,9 @@ def train(trainer, resume_from_checkpoint=None):
     if hasattr(trainer.data_collator, "batch_seeds"):
         trainer.add_callback(BatchSeedCallback(trainer.data_collator.batch_seeds))
     _guard_loss(trainer)
+    if device_kind(trainer.args) == "cpu" and keep_freed_memory_for_reuse():
+        logger.info("CPU training: malloc keeps freed memory for reuse (a MALLOC_* or GLIBC_TUNABLES variable in "
+                    "the environment leaves glibc's settings alone)")
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except NonFiniteLoss as err:
