@@ -133,7 +133,7 @@ def test_adamwscale_resumes_from_checkpoint(tmp_path, text_corpus, caplog):
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 6
     # The optimizer state came back with the checkpoint: its step count went on from 4.
     state = torch.load(tmp_path / "out" / "checkpoint-6" / "optimizer.pt", weights_only=True)["state"]
-    assert {entry["step"] for entry in state.values()} == {6}
+    assert {int(entry["step"]) for entry in state.values()} == {6}
 
 
 def test_adamwscale_is_adamw_with_rms_scaled_steps():
@@ -151,6 +151,22 @@ def test_adamwscale_is_adamw_with_rms_scaled_steps():
     rms = big.square().mean().sqrt()
     torch.testing.assert_close(deltas["scaled"][0], deltas["adamw"][0] * rms)
     torch.testing.assert_close(deltas["scaled"][1], deltas["adamw"][1] * 1e-3)
+
+
+def test_adamwscale_fused_and_float32_fallback_give_the_same_steps():
+    # float32 weights take torch's fused kernel; other dtypes the element-wise fallback: same update rule.
+    torch.manual_seed(0)
+    start, grads = torch.randn(32, 16) * 0.3, [torch.randn(32, 16) for _ in range(5)]
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        param = torch.nn.Parameter(start.to(dtype, copy=True))
+        optimizer = run_span_t5.AdamWScale([param], lr=1e-2, weight_decay=0.1)
+        for grad in grads:
+            param.grad = grad.to(dtype)
+            optimizer.step()
+        results[dtype] = param.detach().float()
+    assert not torch.allclose(results[torch.float32], start, atol=1e-3)  # the steps moved the weights
+    torch.testing.assert_close(results[torch.float32], results[torch.float64], rtol=1e-5, atol=1e-6)
 
 
 def test_adamwscale_state_dict_round_trips():
