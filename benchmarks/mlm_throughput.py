@@ -388,6 +388,7 @@ def experiments(quick=False, batch=None, rounds=None):
 
     import train_utils
 
+    train_utils.keep_freed_memory_for_reuse()  # as the scripts do before training on a CPU
     batch = batch or (4 if quick else 32)
     rounds = rounds or (1 if quick else 3)
     bf16_batch = max(1, batch // 4)  # a bf16 step of batch 32 takes minutes here
@@ -469,7 +470,7 @@ def wait_policy_ab(quick=False, rounds=None):
     batch, steps = (4, 2) if quick else (32, 6)
     rounds = rounds or (1 if quick else 3)
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import mlm_throughput as m; "
-            f"print(m.median_step_seconds({batch}, {steps}))")
+            f"print(m.step_stats({batch}, {steps}, keep_freed_memory=True)['step_seconds'])")  # as the scripts run
     default_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     settings = {"libgomp default (spin, then sleep)": default_env,
                 "OMP_WAIT_POLICY=PASSIVE": {**default_env, "OMP_WAIT_POLICY": "PASSIVE"}}
@@ -495,8 +496,11 @@ def wait_policy_ab(quick=False, rounds=None):
     return {"batch": batch, "rounds": rounds, "load": os.getloadavg()[0], "rows": rows}
 
 
-def median_step_seconds(batch, steps):
-    """Median seconds of `steps` fp32 training steps of BERT-mini with the sparse head, after one warm-up."""
+def step_stats(batch, steps, keep_freed_memory=False):
+    """Median seconds of `steps` fp32 training steps of BERT-mini with the sparse head after one warm-up, and
+    what the timed steps cost the kernel: minor page faults and system CPU seconds per step, peak RSS in MB.
+    `keep_freed_memory` applies train_utils.keep_freed_memory_for_reuse first, as the scripts' training does."""
+    import resource
     import statistics
 
     import torch
@@ -504,6 +508,7 @@ def median_step_seconds(batch, steps):
 
     import train_utils
 
+    applied = train_utils.keep_freed_memory_for_reuse() if keep_freed_memory else False
     config = AutoConfig.from_pretrained(MODEL_CONFIG)
     config.vocab_size = VOCAB_SIZE
     torch.manual_seed(0)
@@ -514,13 +519,48 @@ def median_step_seconds(batch, steps):
     ids = torch.randint(5, VOCAB_SIZE, (batch, SEQ_LEN))
     labels = torch.where(torch.rand(ids.shape) < 0.15, ids, -100)
     times = []
-    for _ in range(steps + 1):
+    for i in range(steps + 1):
+        if i == 1:
+            before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         model(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"step_seconds": statistics.median(times[1:]), "applied": applied,
+            "page_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+            "system_seconds_per_step": (after.ru_stime - before.ru_stime) / steps,
+            "peak_rss_mb": after.ru_maxrss / 1024}
+
+
+def malloc_ab(quick=False, rounds=None):
+    """fp32 training steps (BERT-mini, sparse head) in fresh processes, in turns: glibc's default malloc
+    settings against train_utils.keep_freed_memory_for_reuse (what the scripts do before CPU training).
+    Per setting: the median over rounds of each process's median step, page faults and kernel seconds per
+    step, and peak RSS."""
+    import statistics
+
+    batch, steps = (4, 2) if quick else (32, 8)
+    rounds = rounds or (1 if quick else 4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    settings = {"glibc default": False, "keep freed memory for reuse (the scripts, on CPU)": True}
+    runs = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, keep in settings.items():
+            code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import mlm_throughput as m; "
+                    f"print(json.dumps(m.step_stats({batch}, {steps}, keep_freed_memory={keep})))")
+            out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
+                                 text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name, values in runs.items():
+        seconds = statistics.median(v["step_seconds"] for v in values)
+        rows.append({"setting": name, "step_seconds": seconds, "all": [v["step_seconds"] for v in values],
+                     "tokens_per_second": batch * SEQ_LEN / seconds, "applied": all(v["applied"] for v in values),
+                     **{key: statistics.median(v[key] for v in values)
+                        for key in ("page_faults_per_step", "system_seconds_per_step", "peak_rss_mb")}})
+    return {"batch": batch, "steps": steps, "rounds": rounds, "load": os.getloadavg()[0], "rows": rows}
 
 
 def main():
@@ -532,7 +572,8 @@ def main():
     if args.profile:
         result = profile_step(args.profile, batch=4 if args.quick else (32 if args.profile == "fp32" else 8))
     elif args.experiments:
-        result = {"in_process": experiments(args.quick), "wait_policy": wait_policy_ab(args.quick)}
+        result = {"in_process": experiments(args.quick), "wait_policy": wait_policy_ab(args.quick),
+                  "malloc": malloc_ab(args.quick)}
     else:
         result = run(args.quick)
     print(json.dumps(result, indent=1, default=str))

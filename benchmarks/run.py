@@ -169,7 +169,8 @@ def section_profile(quick):
 def section_experiments(quick):
     import mlm_throughput
 
-    return {"in_process": mlm_throughput.experiments(quick), "wait_policy": mlm_throughput.wait_policy_ab(quick)}
+    return {"in_process": mlm_throughput.experiments(quick), "wait_policy": mlm_throughput.wait_policy_ab(quick),
+            "malloc": mlm_throughput.malloc_ab(quick)}
 
 
 def section_preprocess(quick):
@@ -190,7 +191,7 @@ def section_glue(quick):
         return {"skipped": str(err)}
 
 
-def section_t5(quick, with_training=True):
+def section_t5(quick, results=None, with_training=True):
     import t5_collator
 
     out = {"collator": t5_collator.run(batch=32, input_length=512, repeats=20 if quick else 200)}
@@ -201,7 +202,8 @@ def section_t5(quick, with_training=True):
     except Exception as err:
         out["train_skipped"] = f"benchmarks/t5_train.py not importable ({type(err).__name__}: {err})"
         return out
-    out["train"] = t5_train.run(quick=quick)
+    # MFU against section 1's peak, as for run_mlm.py (when this run measured it)
+    out["train"] = t5_train.run(quick=quick, peaks=((results or {}).get("peak") or {}).get("peak_flops"))
     return out
 
 
@@ -218,7 +220,7 @@ RUNNERS = {
     "experiments": lambda quick, results: section_experiments(quick),
     "preprocess": lambda quick, results: section_preprocess(quick),
     "glue": lambda quick, results: section_glue(quick),
-    "t5": lambda quick, results: section_t5(quick),
+    "t5": lambda quick, results: section_t5(quick, results),
     "sweep": lambda quick, results: section_sweep(quick),
 }
 
@@ -376,7 +378,7 @@ def make_plots(results, out_dir):
         save(fig, "profile.png", "profile")
 
     experiments = results.get("experiments") or {}
-    rows = (experiments.get("in_process") or {}).get("rows", []) + (experiments.get("wait_policy") or {}).get("rows", [])
+    rows = [row for key in ("in_process", "wait_policy", "malloc") for row in (experiments.get(key) or {}).get("rows", [])]
     if rows:
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
         ax.barh([(f"{r['setting']}, {r['condition']}" if r.get("condition") else r["setting"])[:70] for r in rows],
@@ -525,6 +527,20 @@ def write_findings(results):
                 "be woken for the next region." + cost + " run_mlm.py sets OMP_WAIT_POLICY=PASSIVE before torch "
                 "loads unless the variable is already set (export OMP_WAIT_POLICY=ACTIVE to keep threads spinning); "
                 "all run_mlm.py figures above include it.")
+    malloc = (exp.get("malloc") or {}).get("rows", []) if _ok(exp) else []
+    if len(malloc) == 2:
+        default, keep = malloc
+        notes.append(
+            f"**Memory the allocator hands back** (fresh processes, in turns): with glibc's default settings a step "
+            f"took {default['step_seconds']:.2f} s with {default['page_faults_per_step']:,.0f} page faults and "
+            f"{default['system_seconds_per_step']:.2f} CPU s in the kernel; keeping freed memory for reuse, "
+            f"{keep['step_seconds']:.2f} s ({default['step_seconds'] / keep['step_seconds']:.2f}x), "
+            f"{keep['page_faults_per_step']:,.0f} faults, {keep['system_seconds_per_step']:.2f} s, for a peak RSS of "
+            f"{keep['peak_rss_mb']:,.0f} MB against {default['peak_rss_mb']:,.0f}. glibc serves each large block "
+            "with its own mmap and unmaps it when freed, and trims its heap; a training step frees and re-allocates "
+            "the same tensors every time, so each step faulted them back in as fresh zeroed pages. The scripts turn "
+            "glibc's mmap and trimming off before training on a CPU (train_utils.keep_freed_memory_for_reuse; a "
+            "MALLOC_* or GLIBC_TUNABLES variable leaves them alone), so every training figure in this file includes it.")
     if _ok(profile) and "bf16" in profile:
         p = profile["bf16"]
         slow = p.get("matmuls", [{}])[0]
@@ -726,6 +742,15 @@ def write_experiments(result, plots):
         lines += [table(["condition", "setting", "s/step (median)", "tokens/s", "all runs s"],
                         [(r.get("condition", "alone"), r["setting"], f"{r['step_seconds']:.2f}", _num(r["tokens_per_second"]),
                           ", ".join(f"{v:.2f}" for v in r["all"])) for r in policy["rows"]]), ""]
+    malloc = result.get("malloc") or {}
+    if malloc:
+        lines += [f"glibc malloc settings, fresh process each, in turns ({malloc['rounds']} rounds of {malloc['steps']} "
+                  f"timed steps, batch {malloc['batch']}, load {malloc['load']:.1f}); page faults and kernel CPU "
+                  "seconds are per timed step:", ""]
+        lines += [table(["setting", "s/step (median)", "tokens/s", "page faults", "kernel CPU s", "peak RSS MB", "all runs s"],
+                        [(r["setting"], f"{r['step_seconds']:.2f}", _num(r["tokens_per_second"]),
+                          _num(r["page_faults_per_step"]), f"{r['system_seconds_per_step']:.3f}", _num(r["peak_rss_mb"]),
+                          ", ".join(f"{v:.2f}" for v in r["all"])) for r in malloc["rows"]]), ""]
     return lines + _image(plots, "experiments")
 
 
@@ -792,9 +817,9 @@ def write_t5(result, plots):
     if "train" in result:
         t = result["train"]
         lines += [f"Training (`benchmarks/t5_train.run`): {t['config']} on {t['device']}, batch {t['batch']}, input "
-                  f"length {t['input_length']}, median of {t['steps']} steps.", ""]
-        lines += [table(["dtype", "step ms", "encoder tokens/s", "all tokens/s", "MFU", "collate ms", "collation share"],
-                        [(r["dtype"], f"{r['step_ms']:.0f}", _num(r["tokens_per_second"]),
+                  f"length {t['input_length']}, median step of the timed steps (after a warm-up step).", ""]
+        lines += [table(["dtype", "timed steps", "step ms", "encoder tokens/s", "all tokens/s", "MFU", "collate ms", "collation share"],
+                        [(r["dtype"], r.get("steps", t.get("steps")), f"{r['step_ms']:.0f}", _num(r["tokens_per_second"]),
                           _num(r["all_tokens_per_second"]), _pct(r["mfu"]) if r["mfu"] is not None else "n/a",
                           f"{r['collator_ms']:.2f}", _pct(r["collator_share"], 2)) for r in t["rows"]]), ""]
     else:

@@ -39,8 +39,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_training(config_name, batch, input_length, steps, dtype, device, seed=0, mfu=True):
-    """Median ms of a training step (collator excluded) and of collating one batch, for one dtype."""
+def time_training(config_name, batch, input_length, steps, dtype, device, seed=0, mfu=True, peak=None):
+    """Median ms of a training step (collator excluded) and of collating one batch, for one dtype. MFU divides by
+    `peak` (FLOP/s), by default the best matmul rate seen on this machine (train_utils.cached_peak_flops)."""
+    if device == "cpu":
+        train_utils.keep_freed_memory_for_reuse()  # as run_span_t5.py does before training on a CPU
     torch.manual_seed(seed)
     tokenizer = t5_collator.make_tokenizer()  # sentinels and </s> only: enough to collate
     config = AutoConfig.from_pretrained(os.path.join(REPO_ROOT, "configs", f"{config_name}.json"))
@@ -74,11 +77,15 @@ def time_training(config_name, batch, input_length, steps, dtype, device, seed=0
             collate_times.append(collated - start)
             step_times.append(time.perf_counter() - collated)
     flops = train_utils.encoder_decoder_flops_per_token(model, input_length, collator.target_length)
-    peak = train_utils.cached_peak_flops(dtype, device) if mfu else None
+    if mfu and peak is None:
+        peak = train_utils.cached_peak_flops(dtype, device)
+    elif not mfu:
+        peak = None
     step_ms, collate_ms = statistics.median(step_times) * 1000, statistics.median(collate_times) * 1000
     tokens = batch * input_length
     return {
         "dtype": str(dtype).replace("torch.", ""),
+        "steps": steps,
         "step_ms": step_ms,
         "tokens_per_second": tokens / step_ms * 1000,
         "all_tokens_per_second": batch * (input_length + collator.target_length) / step_ms * 1000,
@@ -89,33 +96,37 @@ def time_training(config_name, batch, input_length, steps, dtype, device, seed=0
     }
 
 
-def run(quick=False, config="t5-small", batch=None, input_length=512, steps=None, device=None):
-    """Time fp32 and bf16 training steps; returns a dict with one row per dtype and the collator benchmark."""
+def run(quick=False, config="t5-small", batch=None, input_length=512, steps=None, device=None, peaks=None):
+    """Time fp32 and bf16 training steps; returns a dict with one row per dtype and the collator benchmark.
+    `peaks`: {"fp32": FLOP/s, "bf16": FLOP/s} to compute MFU against (benchmarks/run.py passes its section 1)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quick:
         config, input_length, batch, steps = "t5-tiny", 128, batch or 2, steps or 1
-    # 32 x 512 is the batch the collator target refers to. One such step of the 77M model takes minutes on
-    # 2 CPU cores (bf16 8x longer without bf16 matrix units), so CPUs get batch 2 and one timed step; the
-    # collator's share barely depends on the batch, as collating and the step both grow in proportion to it.
+    # 32 x 512 is the batch the collator target refers to. One such step of the 77M model takes a minute on
+    # 2 CPU cores (bf16 several times longer without bf16 matrix units), so CPUs get batch 2 and 5 timed fp32
+    # steps, 2 bf16 ones; the collator's share barely depends on the batch, as collating and the step both
+    # grow in proportion to it.
     batch = batch or (32 if device == "cuda" else 2)
-    steps = steps or (10 if device == "cuda" else 1)
-    rows = [time_training(config, batch, input_length, steps, dtype, device, mfu=not quick)
+    step_counts = {torch.float32: steps or (10 if device == "cuda" else 5),
+                   torch.bfloat16: steps or (10 if device == "cuda" else 2)}
+    rows = [time_training(config, batch, input_length, step_counts[dtype], dtype, device, mfu=not quick,
+                          peak=(peaks or {}).get("fp32" if dtype == torch.float32 else "bf16"))
             for dtype in (torch.float32, torch.bfloat16)]
     reference = t5_collator.run(batch=32, input_length=512, repeats=20 if quick else 100)
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "config": config, "batch": batch, "input_length": input_length, "steps": steps, "rows": rows,
+        "config": config, "batch": batch, "input_length": input_length, "rows": rows,
         "collator_vs_per_row": {k: reference[k] for k in ("vectorized_ms", "per_row_ms", "speedup")},
     }
 
 
 def print_table(result):
     print(f"{result['config']} on {result['device']}: batch {result['batch']}, n={result['input_length']} "
-          f"(targets {result['rows'][0]['target_length']}), median of {result['steps']} steps")
-    print(f"{'dtype':<9}{'step ms':>10}{'enc tok/s':>12}{'all tok/s':>12}{'MFU':>8}{'collate ms':>12}{'share':>8}")
+          f"(targets {result['rows'][0]['target_length']}), median step")
+    print(f"{'dtype':<9}{'steps':>6}{'step ms':>10}{'enc tok/s':>12}{'all tok/s':>12}{'MFU':>8}{'collate ms':>12}{'share':>8}")
     for row in result["rows"]:
         mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
-        print(f"{row['dtype']:<9}{row['step_ms']:>10.1f}{row['tokens_per_second']:>12.0f}{row['all_tokens_per_second']:>12.0f}"
+        print(f"{row['dtype']:<9}{row['steps']:>6}{row['step_ms']:>10.1f}{row['tokens_per_second']:>12.0f}{row['all_tokens_per_second']:>12.0f}"
               f"{mfu:>8}{row['collator_ms']:>12.2f}{row['collator_share']:>8.2%}")
     ref = result["collator_vs_per_row"]
     print(f"collator, batch 32, n=512: vectorized {ref['vectorized_ms']:.2f} ms, per-row {ref['per_row_ms']:.2f} ms, "
