@@ -184,23 +184,29 @@ def _redacted(argv):
 # ---------------------------------------------------------------------------------------------------
 
 def measure_peak_flops(dtype=torch.float32, size=2048, seconds=1.0, device="cpu"):
-    """Matrix-multiply throughput (FLOP/s) of this machine: the physical limit MFU is measured against."""
+    """Matrix-multiply throughput (FLOP/s) of this machine: the physical limit MFU is measured against.
+
+    The better of two layouts, half the time each: `x @ w.T` (nn.Linear's forward) and `x.T @ w` (its weight
+    gradient). Which one a BLAS runs fastest depends on the machine (on a 2-core AVX2 EPYC: 101 vs 138 GFLOP/s
+    in fp32, benchmarks/RESULTS.md section 1). Never `a @ b` with both row-major: CPUs without bf16 matrix
+    units run that up to 40x slower in bf16, a rate below what training reaches.
+    """
     generator = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: runs stay reproducible
     a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
-    # Transposed, as nn.Linear multiplies (x @ W.T). CPUs without bf16 matrix units run a bf16 `a @ b` of
-    # two row-major operands up to 40x slower than `a @ b.T`: measuring that took minutes and gave a peak
-    # below what training reaches. In fp32, and on GPUs, both layouts run at the same speed.
-    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator).t()
-    torch.matmul(a, b)  # warm-up: thread pool start, kernel selection
-    if device != "cpu":
-        torch.cuda.synchronize()
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        runs += 1
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return 2 * size**3 * runs / (time.perf_counter() - start)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    best = 0.0
+    for left, right in ((a, b.t()), (a.t(), b)):
+        torch.matmul(left, right)  # warm-up: thread pool start, kernel selection
+        if device != "cpu":
+            torch.cuda.synchronize()
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            torch.matmul(left, right)
+            runs += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 * runs / (time.perf_counter() - start))
+    return best
 
 
 def cached_peak_flops(dtype, device="cpu"):
@@ -213,7 +219,7 @@ def cached_peak_flops(dtype, device="cpu"):
     cpu = platform.processor() or platform.machine()
     if device != "cpu":
         cpu = torch.cuda.get_device_name()
-    key = f"{cpu}|{torch.get_num_threads()}|{dtype}|{torch.__version__}|{device}|x@w.T"  # layout: see measure_peak_flops
+    key = f"{cpu}|{torch.get_num_threads()}|{dtype}|{torch.__version__}|{device}|x@w.T,x.T@w"  # see measure_peak_flops
     path = os.path.join(cache_root(), "peak_flops.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -358,9 +364,16 @@ def keep_freed_memory_for_reuse():
 
 
 def peak_memory_mb():
+    """Peak GPU memory allocated by torch, or on a CPU the process's peak resident memory, in MB."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # Linux's VmHWM is this program's own peak. ru_maxrss is not: a process started by a large one (a
+    # benchmark, a notebook) keeps the parent's RSS from before its exec as its maximum.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def wandb_style(logs, step):

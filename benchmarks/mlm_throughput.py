@@ -531,7 +531,7 @@ def step_stats(batch, steps, keep_freed_memory=False):
     return {"step_seconds": statistics.median(times[1:]), "applied": applied,
             "page_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
             "system_seconds_per_step": (after.ru_stime - before.ru_stime) / steps,
-            "peak_rss_mb": after.ru_maxrss / 1024}
+            "peak_rss_mb": train_utils.peak_memory_mb()}  # this process's own peak (VmHWM), not its parent's
 
 
 def malloc_ab(quick=False, rounds=None):

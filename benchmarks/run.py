@@ -15,12 +15,15 @@ its figures are not comparable and no target is judged on them.
 import os
 
 # As run_mlm.py does, before torch loads: OpenMP threads sleep while they wait, so the in-process sections
-# (peak, profile, GLUE, T5) run under the same threading as the training scripts.
+# (peak, profile, experiments) run under run_mlm.py's threading. The T5 step runs in a fresh process under
+# run_span_t5.py's (which does not set the policy).
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # what the scripts we start in fresh processes get
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -197,13 +200,20 @@ def section_t5(quick, results=None, with_training=True):
     out = {"collator": t5_collator.run(batch=32, input_length=512, repeats=20 if quick else 200)}
     if not with_training:
         return out
-    try:
-        import t5_train
-    except Exception as err:
-        out["train_skipped"] = f"benchmarks/t5_train.py not importable ({type(err).__name__}: {err})"
+    # A fresh process, as run_span_t5.py's training runs: none of this process's heap or threads, and
+    # OpenMP's wait policy left at libgomp's default (run_span_t5.py does not set it; this process does).
+    # MFU against section 1's peak, as for run_mlm.py (when this run measured it).
+    peaks = ((results or {}).get("peak") or {}).get("peak_flops")
+    command = [sys.executable, os.path.join(HERE, "t5_train.py"), "--json"] + (["--quick"] if quick else []) \
+        + (["--peaks", json.dumps(peaks)] if peaks else [])
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if USER_OMP_WAIT_POLICY is not None:
+        env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        out["train_skipped"] = f"benchmarks/t5_train.py failed: {done.stderr.strip().splitlines()[-1:]}"
         return out
-    # MFU against section 1's peak, as for run_mlm.py (when this run measured it)
-    out["train"] = t5_train.run(quick=quick, peaks=((results or {}).get("peak") or {}).get("peak_flops"))
+    out["train"] = json.loads(done.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -635,7 +645,7 @@ def write_peak(result, plots):
         f"Peak used for MFU below (best of the table and of `train_utils.measure_peak_flops`): "
         f"**fp32 {result['peak_flops']['fp32'] / 1e9:.1f} GFLOP/s, bf16 {result['peak_flops']['bf16'] / 1e9:.2f} "
         f"GFLOP/s** ({result['threads']} threads, load {result['load']:.1f}). `train_utils.measure_peak_flops` "
-        f"(n x n, `a @ b.T`), what the live `train/mfu` divides by: fp32 {project['fp32']['gflops']:.1f}, "
+        f"(n x n, the better of `a @ b.T` and `a.T @ b`), what the live `train/mfu` divides by: fp32 {project['fp32']['gflops']:.1f}, "
         f"bf16 {project['bf16']['gflops']:.2f} GFLOP/s, measured in {project['fp32']['seconds']:.1f} s and "
         f"{project['bf16']['seconds']:.1f} s.",
         "",
@@ -816,7 +826,7 @@ def write_t5(result, plots):
               f"{c['per_row_ms']:.2f} ms, speed-up {_x(c['speedup'])}.", ""]
     if "train" in result:
         t = result["train"]
-        lines += [f"Training (`benchmarks/t5_train.run`): {t['config']} on {t['device']}, batch {t['batch']}, input "
+        lines += [f"Training (`benchmarks/t5_train.py` in a fresh process, OpenMP threading as run_span_t5.py leaves it): {t['config']} on {t['device']}, batch {t['batch']}, input "
                   f"length {t['input_length']}, median step of the timed steps (after a warm-up step).", ""]
         lines += [table(["dtype", "timed steps", "step ms", "encoder tokens/s", "all tokens/s", "MFU", "collate ms", "collation share"],
                         [(r["dtype"], r.get("steps", t.get("steps")), f"{r['step_ms']:.0f}", _num(r["tokens_per_second"]),

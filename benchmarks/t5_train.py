@@ -14,6 +14,7 @@ reference, encoder plus decoder tokens. Other code can call `run(...)`.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -140,8 +141,15 @@ def main():
     parser.add_argument("--input-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--peaks", help='JSON {"fp32": FLOP/s, "bf16": FLOP/s} to compute MFU against')
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (for benchmarks/run.py)")
     args = parser.parse_args()
-    print_table(run(args.quick, args.config, args.batch, args.input_length, args.steps))
+    result = run(args.quick, args.config, args.batch, args.input_length, args.steps,
+                 peaks=json.loads(args.peaks) if args.peaks else None)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
 
 
 if __name__ == "__main__":

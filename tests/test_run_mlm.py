@@ -349,3 +349,15 @@ def test_training_on_cpu_reuses_freed_memory_instead_of_faulting_it_back_in():
     assert kept_faults < default_faults / 5  # kept: at most one block's worth while the heap settles
     applied, user_faults = run("keep", MALLOC_ARENA_MAX="2")  # the user's own malloc settings win
     assert not applied and user_faults > default_faults / 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_peak_memory_is_the_processes_own_not_its_parents():
+    # A run started by a large process (a benchmark, a notebook) used to report the parent's RSS as its peak.
+    ballast = b"x" * (1200 << 20)  # written, so resident in this (the parent) process
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train_utils; print(train_utils.peak_memory_mb())"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    peak = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout.split()[-1])
+    assert len(ballast) == 1200 << 20
+    assert 50 < peak < 1000  # the child's own imports (torch, transformers): a few hundred MB
