@@ -21,6 +21,7 @@ import zipfile
 
 import datasets
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import TrainerCallback
 
@@ -189,19 +190,24 @@ def measure_peak_flops(dtype=torch.float32, size=2048, seconds=1.0, device="cpu"
     The better of two layouts, half the time each: `x @ w.T` (nn.Linear's forward) and `x.T @ w` (its weight
     gradient). Which one a BLAS runs fastest depends on the machine (on a 2-core AVX2 EPYC: 101 vs 138 GFLOP/s
     in fp32, benchmarks/RESULTS.md section 1). Never `a @ b` with both row-major: CPUs without bf16 matrix
-    units run that up to 40x slower in bf16, a rate below what training reaches.
+    units run that up to 40x slower in bf16, a rate below what training reaches. On such a CPU a bf16 product
+    is timed the way the scripts compute it there (bf16_linears_through_fp32): bf16 operands, fp32 multiply.
     """
     generator = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: runs stay reproducible
     a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
     b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    matmul = torch.matmul
+    if dtype == torch.bfloat16 and not native_bf16_matmul(device):
+        def matmul(left, right):
+            return torch.matmul(left.float(), right.float()).to(torch.bfloat16)
     best = 0.0
     for left, right in ((a, b.t()), (a.t(), b)):
-        torch.matmul(left, right)  # warm-up: thread pool start, kernel selection
+        matmul(left, right)  # warm-up: thread pool start, kernel selection
         if device != "cpu":
             torch.cuda.synchronize()
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 2:
-            torch.matmul(left, right)
+            matmul(left, right)
             runs += 1
         if device != "cpu":
             torch.cuda.synchronize()
@@ -219,7 +225,8 @@ def cached_peak_flops(dtype, device="cpu"):
     cpu = platform.processor() or platform.machine()
     if device != "cpu":
         cpu = torch.cuda.get_device_name()
-    key = f"{cpu}|{torch.get_num_threads()}|{dtype}|{torch.__version__}|{device}|x@w.T,x.T@w"  # see measure_peak_flops
+    route = "|bf16 via fp32" if dtype == torch.bfloat16 and not native_bf16_matmul(device) else ""
+    key = f"{cpu}|{torch.get_num_threads()}|{dtype}|{torch.__version__}|{device}|x@w.T,x.T@w{route}"  # see measure_peak_flops
     path = os.path.join(cache_root(), "peak_flops.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -434,9 +441,15 @@ def match_loss_scaling(trainer):
 
 
 def add_callbacks(trainer, config, flops_per_token=None, peak_flops=None):
-    """Attach our callbacks (the throughput one first, so its numbers reach W&B and the console), and fit the
-    Trainer's loss scaling to the model (match_loss_scaling): every script calls this before training."""
+    """Attach our callbacks (the throughput one first, so its numbers reach W&B and the console), fit the
+    Trainer's loss scaling to the model (match_loss_scaling) and, for bf16 on a CPU without bf16 matrix units,
+    route the model's bf16 products through fp32 (bf16_linears_through_fp32): every script calls this before
+    training or evaluating."""
     match_loss_scaling(trainer)
+    if trainer.args.bf16 and device_kind(trainer.args) == "cpu" and not native_bf16_matmul("cpu"):
+        changed = bf16_linears_through_fp32(trainer.accelerator.unwrap_model(trainer.model))
+        logger.warning("bf16 on a CPU without bf16 matrix units: %d linear layers compute their bf16 products in "
+                       "fp32 (bf16 rounding, fp32 speed); torch's own bf16 GEMM is 6-40x slower here", changed)
     trainer.callback_handler.callbacks.insert(0, ThroughputCallback(flops_per_token, peak_flops))
     trainer.add_callback(RunConfigCallback(config))
     if os.environ.get("SWEEP_METRICS_FILE"):
@@ -569,7 +582,6 @@ def enable_sparse_mlm_head(model):
     the model returns ordinary full logits. Returns False (and changes nothing) for models whose head
     is not one module beside the encoder.
     """
-    import torch.nn.functional as F
     from transformers.modeling_outputs import MaskedLMOutput
 
     base = getattr(model, model.base_model_prefix, None)
@@ -598,6 +610,77 @@ def enable_sparse_mlm_head(model):
 
     model.forward = forward
     return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# bf16 on CPUs without bf16 matrix units
+# ---------------------------------------------------------------------------------------------------
+
+def native_bf16_matmul(device="cpu"):
+    """Whether torch multiplies bf16 matrices with a fast kernel here: on GPUs, and on CPUs where oneDNN takes
+    bf16 (AVX512 or AMX). Elsewhere ATen's portable bf16 GEMM runs, 6-40x below the fp32 rate (RESULTS.md)."""
+    if device != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _BF16LinearThroughFP32(torch.autograd.Function):
+    """A bf16 linear layer whose products run in fp32: operands rounded to bf16, multiplied and accumulated in
+    fp32, results rounded to bf16 (what a bf16 GEMM with fp32 accumulation gives, on a GPU too). Saves the
+    bf16 operands for backward, as autocast does; gradients come back rounded to bf16 in their inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        bf16 = torch.bfloat16
+        x16, w16 = x.to(bf16), weight.to(bf16)
+        ctx.save_for_backward(x16, w16)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        b32 = None if bias is None else bias.to(bf16).float()
+        return F.linear(x16.float(), w16.float(), b32).to(bf16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        bf16 = torch.bfloat16
+        x16, w16 = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad = grad.to(bf16).float()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ w16.float()).to(bf16).to(x_dtype)
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = (rows.t() @ x16.reshape(-1, x16.shape[-1]).float()).to(bf16).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0).to(bf16).to(b_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def _linear_forward(self, x):
+    """nn.Linear.forward, with bf16 products (under bf16 autocast, or on bf16 weights) taken through fp32."""
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return _BF16LinearThroughFP32.apply(x, self.weight, self.bias)
+    if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return _BF16LinearThroughFP32.apply(x, self.weight, self.bias)
+    return F.linear(x, self.weight, self.bias)
+
+
+def bf16_linears_through_fp32(model):
+    """Make the model's nn.Linear layers compute bf16 products in fp32, for bf16 training on a CPU without bf16
+    matrix units. There torch's bf16 GEMM is ATen's portable loop: 22 GFLOP/s at best against 138 in fp32 on a
+    2-core AVX2 EPYC, and 0.3-0.9 GFLOP/s for `grad @ W`, a Linear's input gradient; a BERT-mini bf16 step took
+    24x the fp32 step (benchmarks/RESULTS.md). The rounding stays bf16's (bf16 operands and results, fp32
+    accumulation), so a run keeps bf16 numerics at about the fp32 speed. Weights and the saved format are
+    untouched: only these instances' forward changes. Returns the number of layers changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:  # subclasses may compute differently
+            module.forward = _linear_forward.__get__(module)
+            changed += 1
+    return changed
 
 
 def compute_dtype(training_args):

@@ -99,21 +99,28 @@ def machine_info():
 # Sections
 # ---------------------------------------------------------------------------------------------------
 
-def matmul_rate(dtype, size, layout, seconds):
+def matmul_rate(dtype, size, layout, seconds, through_fp32=False):
     """FLOP/s of size x size matmuls in a layout: 'NN' a @ b, 'NT' a @ b.T (nn.Linear's forward), 'TN' a.T @ b.
-    Returns (FLOP/s, seconds of one matmul)."""
+    `through_fp32`: bf16 operands multiplied in fp32, the result rounded to bf16 (casts included), as the
+    scripts compute bf16 products on a CPU without bf16 matrix units. Returns (FLOP/s, seconds of one matmul)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(dtype)
     b = torch.randn(size, size, generator=generator).to(dtype)
     a, b = (a.t() if layout[0] == "T" else a), (b.t() if layout[1] == "T" else b)
+
+    def matmul(left, right):
+        if through_fp32:
+            return torch.matmul(left.float(), right.float()).to(dtype)
+        return torch.matmul(left, right)
+
     start = time.perf_counter()
-    torch.matmul(a, b)  # warm-up
+    matmul(a, b)  # warm-up
     first = time.perf_counter() - start
     runs, start = 0, time.perf_counter()
     while runs == 0 or time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
+        matmul(a, b)
         runs += 1
     elapsed = time.perf_counter() - start
     return 2 * size**3 * runs / elapsed, max(first, elapsed / runs)
@@ -128,7 +135,10 @@ def section_peak(quick, sizes=None, window=None, project_size=2048):
     window = window or (0.5 if quick else 1.5)
     budget = 3.0 if quick else 20.0
     rows = []
-    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    kinds = [("fp32", torch.float32, False), ("bf16", torch.bfloat16, False)]
+    if not train_utils.native_bf16_matmul("cpu"):  # the route the scripts take for bf16 on this CPU
+        kinds.append(("bf16 through fp32", torch.bfloat16, True))
+    for dtype_name, dtype, through_fp32 in kinds:
         for layout in ("NN", "NT", "TN"):
             one_matmul = None
             for size in sizes:
@@ -137,7 +147,7 @@ def section_peak(quick, sizes=None, window=None, project_size=2048):
                     rows.append({"dtype": dtype_name, "layout": layout, "size": size, "gflops": None,
                                  "note": f"skipped: one matmul would take ~{one_matmul * 8:.0f} s"})
                     continue
-                rate, one_matmul = matmul_rate(dtype, size, layout, window)
+                rate, one_matmul = matmul_rate(dtype, size, layout, window, through_fp32)
                 rows.append({"dtype": dtype_name, "layout": layout, "size": size, "gflops": rate / 1e9})
     project = {}
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -145,10 +155,12 @@ def section_peak(quick, sizes=None, window=None, project_size=2048):
         project[dtype_name] = {"gflops": train_utils.measure_peak_flops(dtype, size=project_size) / 1e9,
                                "seconds": time.perf_counter() - start}
     peaks = {}
-    for dtype_name in ("fp32", "bf16"):
-        measured = [r["gflops"] for r in rows if r["dtype"] == dtype_name and r["gflops"]]
+    for dtype_name in ("fp32", "bf16"):  # bf16: the better of torch's bf16 GEMM and the route through fp32
+        measured = [r["gflops"] for r in rows if r["dtype"].startswith(dtype_name) and r["gflops"]]
         peaks[dtype_name] = max(measured + [project[dtype_name]["gflops"]]) * 1e9
+    torch_bf16 = [r["gflops"] for r in rows if r["dtype"] == "bf16" and r["gflops"]]
     return {"rows": rows, "train_utils_measure_peak_flops": project, "peak_flops": peaks,
+            "torch_bf16_gemm_gflops": max(torch_bf16) if torch_bf16 else None,
             "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
 
@@ -164,7 +176,7 @@ def section_profile(quick):
     import mlm_throughput
 
     out = {}
-    for dtype, batch in (("fp32", 4 if quick else 32), ("bf16", 2 if quick else 8)):
+    for dtype, batch in (("fp32", 4 if quick else 32), ("bf16", 4 if quick else 32)):
         out[dtype] = mlm_throughput.profile_step(dtype, sparse=True, batch=batch)
     return out
 
@@ -257,10 +269,11 @@ def targets(results):
         ours = next((r for r in mlm.get("rows", []) if r["dtype"] == dtype and r["sparse_mlm_head"]), None)
         mfu = ours["mfu"] if ours else None
         rows.append((f"MFU of run_mlm.py ({dtype})", f">= {TARGETS['mfu']:.0%}", _pct(mfu), judge(mfu, TARGETS["mfu"])))
-    parity = mlm.get("parity")
-    gap = parity["relative_difference"] if parity else None
-    rows.append(("Perplexity, ours vs HF head, equal steps and seed", f"within {TARGETS['perplexity_gap']:.0%}",
-                 _pct(gap, 2) if gap is not None else "n/a", judge(gap, TARGETS["perplexity_gap"], higher_is_better=False)))
+    by_dtype = mlm.get("parity_by_dtype") or {"fp32": mlm.get("parity")}
+    for dtype, parity in by_dtype.items():
+        gap = parity["relative_difference"] if parity else None
+        rows.append((f"Perplexity, ours vs HF head, equal steps and seed ({dtype})", f"within {TARGETS['perplexity_gap']:.0%}",
+                     _pct(gap, 2) if gap is not None else "n/a", judge(gap, TARGETS["perplexity_gap"], higher_is_better=False)))
     pre = results.get("preprocess") or {}
     for num_proc, speedup in (pre.get("speedup") or {}).items():
         rows.append((f"Preprocessing {pre.get('corpus_mb', 0):.0f} MB, ours vs HF (num_proc={_proc(num_proc)})",
@@ -346,7 +359,8 @@ def make_plots(results, out_dir):
             if row["gflops"]:
                 labels.append(f"{row['dtype']} {row['layout']} {row['size']}")
                 values.append(row["gflops"])
-        ax.barh(labels, values, color=["tab:blue" if label.startswith("fp32") else "tab:orange" for label in labels])
+        colors = {"fp32": "tab:blue", "bf16": "tab:orange", "bf16 through fp32": "tab:green"}
+        ax.barh(labels, values, color=[colors.get(row["dtype"], "tab:gray") for row in peak["rows"] if row["gflops"]])
         ax.set_xscale("log")
         ax.set_xlabel("GFLOP/s (log scale)")
         ax.set_title("Matrix multiply on this CPU: NN a@b, NT a@b.T, TN a.T@b")
@@ -553,38 +567,45 @@ def write_findings(results):
             "MALLOC_* or GLIBC_TUNABLES variable leaves them alone), so every training figure in this file includes it.")
     if _ok(profile) and "bf16" in profile:
         p = profile["bf16"]
-        slow = p.get("matmuls", [{}])[0]
         fp32_rate = (peak or {}).get("peak_flops", {}).get("fp32") if _ok(peak) else None
         bf16_rate = (peak or {}).get("peak_flops", {}).get("bf16") if _ok(peak) else None
-        text = (f"**bf16 ({_pct(ours['bf16']['mfu']) if 'bf16' in ours else 'n/a'} MFU).** This CPU has no "
-                "AVX512-BF16 or AMX, so every bf16 matmul goes to ATen's portable kernel; its best rate is "
-                + (f"{bf16_rate / 1e9:.1f} GFLOP/s against {fp32_rate / 1e9:.1f} in fp32. " if bf16_rate and fp32_rate else "")
-                + f"In the profiled bf16 step (batch {p['batch']}) matmuls take {p['shares'].get('matmul', 0):.0%} "
-                "of the op time")
-        if slow:
-            text += f", led by `{slow['shapes']}` at {slow['gflops']:.2f} GFLOP/s"
-            vocab = (mlm or {}).get("settings", {}).get("vocab_size") if _ok(mlm) else None
-            if vocab and slow.get("k") == vocab:
-                text += (": the output layer's gradient with respect to its input, `grad @ W` with both operands "
-                         "row-major, the layout that section 1 shows running tens of times below the others")
-        text += ". Autocast adds a bf16 copy of every weight per step and the casts around each op."
+        torch_rate = (peak or {}).get("torch_bf16_gemm_gflops") if _ok(peak) else None
+        text = f"**bf16 ({_pct(ours['bf16']['mfu']) if 'bf16' in ours else 'n/a'} MFU).** "
+        if torch_rate and fp32_rate:
+            text += (f"This CPU has no AVX512-BF16 or AMX, so torch's bf16 GEMM is ATen's portable kernel: "
+                     f"{torch_rate:.1f} GFLOP/s at best against {fp32_rate / 1e9:.1f} in fp32, and below 1 GFLOP/s for "
+                     "`a @ b` with both operands row-major (section 1's NN rows), the layout autograd runs for a "
+                     "Linear's input gradient `grad @ W`. ")
         inproc = (exp.get("in_process") or {}).get("rows", []) if _ok(exp) else []
-        b = next((r for r in inproc if r["setting"].startswith("bf16 baseline")), None)
-        fix = next((r for r in inproc if r["setting"].startswith("bf16 + fast-layout")), None)
-        f32 = next((r for r in inproc if r["setting"].startswith("fp32 (batch")), None)
-        if b and fix:
-            text += (f" Computing that gradient against a transposed copy of W (an autograd Function around "
-                     f"nn.Linear, in mlm_throughput.py) makes the bf16 step {b['step_seconds'] / fix['step_seconds']:.1f}x "
-                     "faster")
-            if f32:
-                text += f", yet it stays {fix['step_seconds'] / f32['step_seconds']:.1f}x slower than fp32 at the same batch"
-            text += ". So on this CPU the fix is to train in fp32"
-            if "fp32" in ours and "bf16" in ours and not mlm["settings"].get("in_process") \
-                    and ours["bf16"]["peak_memory_mb"] >= 0.9 * ours["fp32"]["peak_memory_mb"]:
-                text += (f" (bf16 saves no memory either: {ours['bf16']['peak_memory_mb']:,.0f} MB peak against "
-                         f"{ours['fp32']['peak_memory_mb']:,.0f} MB; autocast keeps the fp32 weights and adds bf16 copies)")
-            text += ("; bf16 pays off only with bf16 matrix units (AVX512-BF16, AMX, or a GPU). We did not patch "
-                     "nn.Linear in the scripts: it would help only machines that should not use bf16.")
+        torch_gemm = next((r for r in inproc if r["setting"].startswith("bf16 with torch's bf16 GEMM")), None)
+        route_small = next((r for r in inproc if r["setting"].startswith("bf16 through fp32 (batch")), None)
+        route = next((r for r in inproc if r["setting"].startswith("bf16 through fp32 (the scripts")), None)
+        f32_small = next((r for r in inproc if r["setting"].startswith("fp32 (batch")), None)
+        f32 = next((r for r in inproc if r["setting"].startswith("fp32 baseline")), None)
+        if torch_gemm and f32_small:
+            text += (f"With it a bf16 step (batch {torch_gemm['batch']}) took {torch_gemm['step_seconds']:.2f} s, "
+                     f"{torch_gemm['step_seconds'] / f32_small['step_seconds']:.0f}x the fp32 step: the reason bf16 "
+                     "MFU was so low here. ")
+        text += ("The scripts therefore compute bf16 linear layers through fp32 on such a CPU "
+                 "(`train_utils.bf16_linears_through_fp32`: bf16 operands and results, fp32 products and accumulation, "
+                 "the rounding a bf16 GEMM with fp32 accumulation gives; weights and saved format untouched)")
+        if torch_gemm and route_small:
+            text += f": {torch_gemm['step_seconds'] / route_small['step_seconds']:.1f}x faster at batch {route_small['batch']}"
+        if route and f32:
+            text += (f", and at batch {route['batch']} {route['step_seconds']:.2f} s per step against "
+                     f"{f32['step_seconds']:.2f} s in fp32")
+        text += "."
+        if bf16_rate:
+            text += (f" bf16 MFU divides by that route's rate ({bf16_rate / 1e9:.1f} GFLOP/s, section 1), the fastest "
+                     "bf16 multiply this machine has.")
+        text += (f" In the profiled bf16 step (batch {p['batch']}) matmuls take {p['shares'].get('matmul', 0):.0%} of "
+                 f"the op time and dtype casts and copies {p['shares'].get('dtype casts / copies', 0):.0%}: autocast "
+                 "and the route convert every weight and activation between fp32 and bf16, work fp32 training does "
+                 "not have, so bf16 stays below fp32 on this CPU.")
+        if "fp32" in ours and "bf16" in ours and not mlm["settings"].get("in_process"):
+            text += (f" Peak memory: {ours['bf16']['peak_memory_mb']:,.0f} MB in bf16 against "
+                     f"{ours['fp32']['peak_memory_mb']:,.0f} MB in fp32. bf16 pays off with bf16 matrix units "
+                     "(AVX512-BF16, AMX, or a GPU); on this CPU train in fp32.")
         notes.append(text)
     pre = results.get("preprocess")
     if _ok(pre) and pre.get("breakdown"):
@@ -657,6 +678,17 @@ def write_peak(result, plots):
         "inside its loops; its NN loop is the slow one.",
         "",
     ]
+    if any(r["dtype"] == "bf16 through fp32" for r in result["rows"]):
+        lines += [
+            "'bf16 through fp32': bf16 operands converted to fp32, multiplied by the fp32 GEMM, the result rounded "
+            "to bf16, the conversions timed with it. That is what a bf16 GEMM with fp32 accumulation computes, and "
+            "how the scripts compute bf16 products on a CPU without bf16 matrix units "
+            "(`train_utils.bf16_linears_through_fp32`), so it is this machine's bf16 peak: the fastest way it has "
+            "to multiply bf16 matrices"
+            + (f" (torch's own bf16 GEMM: {result['torch_bf16_gemm_gflops']:.1f} GFLOP/s at best)"
+               if result.get("torch_bf16_gemm_gflops") else "") + ".",
+            "",
+        ]
     return lines + _image(plots, "peak")
 
 
@@ -669,8 +701,9 @@ def write_mlm(result, plots):
         f"{s['model']} (4 layers, width 256), tokenizer: {s['tokenizer']}; corpus: {s['corpus']}; sequence "
         f"{s['seq_len']}, batch {s['batch']}"
         + (f" (bf16: {s['bf16_batch']})" if s.get("bf16_batch", s["batch"]) != s["batch"] else "")
-        + f"; fp32 runs {s['fp32_steps']} steps, bf16 runs {s['bf16_steps']} "
-        f"(a bf16 step takes minutes here); tokens/s over the steps after the first {s['warmup']} (total tokens / "
+        + (f"; {s['fp32_steps']} steps each" if s["fp32_steps"] == s["bf16_steps"]
+           else f"; fp32 runs {s['fp32_steps']} steps, bf16 runs {s['bf16_steps']}")
+        + f"; tokens/s over the steps after the first {s['warmup']} (total tokens / "
         "total time), read from the Trainer's log history (`tokens_per_second`, one log per step). Each variant "
         "is its own `python run_mlm.py` process; the only differences are `--sparse_mlm_head` and `--bf16`.",
         "",
@@ -702,16 +735,16 @@ def write_mlm(result, plots):
         if "bf16" in hf and peaks.get("bf16"):
             needed = ref["bf16"] * hf["bf16"]["flops_per_token"]
             lines.append(f"HF's dense head at {ref['bf16']:,} bf16 tokens/s would take {needed / 1e9:.0f} GFLOP/s, "
-                         f"{needed / peaks['bf16']:.0f}x the best bf16 matmul rate measured here: that reference "
-                         "cannot come from a CPU without bf16 matrix units like this one.")
+                         f"{needed / peaks['bf16']:.1f}x the best bf16 matmul rate measured here.")
     lines.append("")
-    parity = result.get("parity")
-    if parity:
-        lines += [f"Perplexity parity (fp32, same seed, data and {parity['steps']} steps, eval on "
+    by_dtype = result.get("parity_by_dtype") or ({"fp32": result["parity"]} if result.get("parity") else {})
+    for dtype, parity in by_dtype.items():
+        lines += [f"Perplexity parity ({dtype}, same seed, data and {parity['steps']} steps, eval on "
                   f"{parity['eval_samples']} blocks of the eval file): ours {parity['ours']:.2f}, HF head "
-                  f"{parity['hf']:.2f}, difference {parity['relative_difference']:.3%}. The sparse head computes "
-                  "the same loss (cross-entropy over the masked positions only), so the two differ only by "
-                  "floating-point summation order.", ""]
+                  f"{parity['hf']:.2f}, difference {parity['relative_difference']:.3%}."]
+    if by_dtype:
+        lines += ["The sparse head computes the same loss (cross-entropy over the masked positions only), so the "
+                  "two differ only by floating-point summation order (and, in bf16, by where it rounds).", ""]
     return lines + _image(plots, "mlm")
 
 

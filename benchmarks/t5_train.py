@@ -52,6 +52,8 @@ def time_training(config_name, batch, input_length, steps, dtype, device, seed=0
     model = AutoModelForSeq2SeqLM.from_config(config)
     untie_output_layer(model)  # as run_span_t5.py does for a v1.1 config from scratch
     model.to(device).train()
+    if dtype == torch.bfloat16 and not train_utils.native_bf16_matmul(device):
+        train_utils.bf16_linears_through_fp32(model)  # as the scripts do on a CPU without bf16 matrix units
     optimizer = AdamWScale(model.parameters(), lr=1e-3)
     collator = DataCollatorForT5SpanCorruption(tokenizer, input_length=input_length, seed=seed)
     # Rows as the script hands them over: numpy arrays from a dataset in numpy format.
@@ -104,12 +106,11 @@ def run(quick=False, config="t5-small", batch=None, input_length=512, steps=None
     if quick:
         config, input_length, batch, steps = "t5-tiny", 128, batch or 2, steps or 1
     # 32 x 512 is the batch the collator target refers to. One such step of the 77M model takes a minute on
-    # 2 CPU cores (bf16 several times longer without bf16 matrix units), so CPUs get batch 2 and 5 timed fp32
-    # steps, 2 bf16 ones; the collator's share barely depends on the batch, as collating and the step both
-    # grow in proportion to it.
+    # 2 CPU cores, so CPUs get batch 2 and 5 timed steps; the collator's share barely depends on the batch, as
+    # collating and the step both grow in proportion to it.
     batch = batch or (32 if device == "cuda" else 2)
     step_counts = {torch.float32: steps or (10 if device == "cuda" else 5),
-                   torch.bfloat16: steps or (10 if device == "cuda" else 2)}
+                   torch.bfloat16: steps or (10 if device == "cuda" else 5)}
     rows = [time_training(config, batch, input_length, step_counts[dtype], dtype, device, mfu=not quick,
                           peak=(peaks or {}).get("fp32" if dtype == torch.float32 else "bf16"))
             for dtype in (torch.float32, torch.bfloat16)]

@@ -25,6 +25,23 @@ def test_matmul_rate_is_positive(dtype, layout):
     assert rate > 0 and one > 0
 
 
+def test_bf16_peak_is_timed_the_way_the_scripts_multiply(monkeypatch):
+    """On a CPU without bf16 matrix units the scripts multiply bf16 operands in fp32, so the bf16 peak that the
+    live train/mfu divides by times that product; elsewhere torch's bf16 GEMM."""
+    import train_utils
+
+    seen = []
+    matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append(a.dtype) or matmul(a, b))
+    for native, expected in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(train_utils, "native_bf16_matmul", lambda device="cpu", native=native: native)
+        seen.clear()
+        assert train_utils.measure_peak_flops(torch.bfloat16, size=32, seconds=0.01) > 0
+        assert set(seen) == {expected}
+    rate, _ = bench.matmul_rate(torch.bfloat16, 64, "NT", seconds=0.01, through_fp32=True)
+    assert rate > 0
+
+
 def test_step_throughput_reads_per_step_logs():
     history = [{"loss": 9.0, "step": s, "num_input_tokens_seen": 100 * s, "tokens_per_second": 50.0 * s, "mfu": 0.1}
                for s in range(1, 5)] + [{"train_runtime": 1.0, "step": 4}]

@@ -317,10 +317,12 @@ def test_eval_label_outside_the_model_labels(tmp_path, tiny_bert):
 
 # --- T5 text-to-text ------------------------------------------------------------------------------------
 
-def test_t5_is_chosen_from_the_config_and_predicts_text(tmp_path, tiny_t5, glue_data):
+@pytest.mark.parametrize("precision", [[], ["--bf16", "--use_cpu"]], ids=["fp32", "bf16"])
+def test_t5_is_chosen_from_the_config_and_predicts_text(tmp_path, tiny_t5, glue_data, precision):
+    """In bf16 on this CPU the linear layers go through fp32 (train_utils.bf16_linears_through_fp32), generation too."""
     out = tmp_path / "t5"
     metrics = run(tiny_t5, out, "--task_name=sst2", f"--data_dir={glue_data / 'SST-2'}", "--do_train", "--do_eval",
-                  "--do_predict", "--max_steps=3")
+                  "--do_predict", "--max_steps=3", *precision)
     assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_samples"] == 8
     assert len(read_predictions(out / "predict_results_sst2.txt")) == 6
     generation = json.loads((out / "generation_config.json").read_text())

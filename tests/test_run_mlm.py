@@ -361,3 +361,54 @@ def test_peak_memory_is_the_processes_own_not_its_parents():
                                 check=True).stdout.split()[-1])
     assert len(ballast) == 1200 << 20
     assert 50 < peak < 1000  # the child's own imports (torch, transformers): a few hundred MB
+
+
+def test_bf16_linear_through_fp32_matches_torchs_bf16_linear():
+    """Same results as autocast's bf16 linear layer (output and gradients, dtypes included), with the
+    operands rounded to bf16 before the fp32 product: 1 + 2**-9 is 1 in bf16, so the first output is 0."""
+    import torch
+
+    import train_utils
+
+    torch.manual_seed(0)
+    reference, ours = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+    ours.load_state_dict(reference.state_dict())
+    assert train_utils.bf16_linears_through_fp32(torch.nn.Sequential(ours)) == 1
+    with torch.no_grad():
+        for layer in (reference, ours):
+            layer.weight[0] = 0.0
+            layer.weight[0, :2] = 1.0
+            layer.bias[0] = 0.0
+    x = torch.randn(2, 8, 64)
+    x[:, :, :2] = torch.tensor([1 + 2**-9, -1.0])
+    outputs = []
+    for layer in (reference, ours):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xi)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        outputs.append((y, xi.grad, layer.weight.grad, layer.bias.grad))
+    assert (outputs[1][0][..., 0] == 0).all()  # fp32 operands would give 2**-9
+    for expected, got in zip(outputs[0], outputs[1]):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    with torch.no_grad():  # without autocast, fp32 layers compute as before
+        assert torch.equal(ours(x), reference(x))
+
+
+def test_bf16_on_a_cpu_without_bf16_units_trains_through_fp32(tmp_path, text_corpus, monkeypatch, caplog):
+    from transformers import AutoModelForMaskedLM
+
+    import train_utils
+
+    monkeypatch.setattr(train_utils, "native_bf16_matmul", lambda device="cpu": False)
+    calls = []
+    original = train_utils._BF16LinearThroughFP32.forward
+    monkeypatch.setattr(train_utils._BF16LinearThroughFP32, "forward",
+                        staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
+    caplog.set_level(logging.WARNING)
+    metrics = run(tmp_path, "--bf16", "--use_cpu", "--save_strategy=no", corpus=text_corpus)
+    assert math.isfinite(metrics["eval_loss"]) and calls
+    assert "linear layers compute their bf16 products in fp32" in caplog.text
+    _, loading = AutoModelForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(loading.values())  # an ordinary checkpoint: no missing, unexpected or mismatched weights
