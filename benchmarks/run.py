@@ -101,8 +101,9 @@ def machine_info():
 
 def matmul_rate(dtype, size, layout, seconds, through_fp32=False):
     """FLOP/s of size x size matmuls in a layout: 'NN' a @ b, 'NT' a @ b.T (nn.Linear's forward), 'TN' a.T @ b.
-    `through_fp32`: bf16 operands multiplied in fp32, the result rounded to bf16 (casts included), as the
-    scripts compute bf16 products on a CPU without bf16 matrix units. Returns (FLOP/s, seconds of one matmul)."""
+    `through_fp32`: bf16 operands converted to fp32 and multiplied there, the result rounded to bf16 (the
+    conversions timed too), as the scripts compute bf16 products on a CPU without bf16 matrix units.
+    Returns (FLOP/s, seconds of one matmul)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -110,10 +111,9 @@ def matmul_rate(dtype, size, layout, seconds, through_fp32=False):
     b = torch.randn(size, size, generator=generator).to(dtype)
     a, b = (a.t() if layout[0] == "T" else a), (b.t() if layout[1] == "T" else b)
 
-    def matmul(left, right):
-        if through_fp32:
-            return torch.matmul(left.float(), right.float()).to(dtype)
-        return torch.matmul(left, right)
+    import train_utils
+
+    matmul = train_utils._bf16_matmul_through_fp32() if through_fp32 else torch.matmul
 
     start = time.perf_counter()
     matmul(a, b)  # warm-up
