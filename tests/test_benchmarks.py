@@ -32,7 +32,7 @@ def test_bf16_peak_is_timed_the_way_the_scripts_multiply(monkeypatch):
 
     seen = []
     matmul = torch.matmul
-    monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append(a.dtype) or matmul(a, b))
+    monkeypatch.setattr(torch, "matmul", lambda a, b, **kw: seen.append(a.dtype) or matmul(a, b, **kw))
     for native, expected in ((False, torch.float32), (True, torch.bfloat16)):
         monkeypatch.setattr(train_utils, "native_bf16_matmul", lambda device="cpu", native=native: native)
         seen.clear()
