@@ -196,9 +196,7 @@ def measure_peak_flops(dtype=torch.float32, size=2048, seconds=1.0, device="cpu"
     generator = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: runs stay reproducible
     a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
     b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
-    matmul = torch.matmul
-    if dtype == torch.bfloat16 and not native_bf16_matmul(device):
-        matmul = _bf16_matmul_through_fp32()
+    matmul = _bf16_matmul_through_fp32() if bf16_goes_through_fp32(dtype, device) else torch.matmul
     best = 0.0
     for left, right in ((a, b.t()), (a.t(), b)):
         matmul(left, right)  # warm-up: thread pool start, kernel selection
@@ -244,7 +242,7 @@ def cached_peak_flops(dtype, device="cpu"):
     cpu = platform.processor() or platform.machine()
     if device != "cpu":
         cpu = torch.cuda.get_device_name()
-    route = "|bf16 via fp32" if dtype == torch.bfloat16 and not native_bf16_matmul(device) else ""
+    route = "|bf16 via fp32" if bf16_goes_through_fp32(dtype, device) else ""
     key = f"{cpu}|{torch.get_num_threads()}|{dtype}|{torch.__version__}|{device}|x@w.T,x.T@w{route}"  # see measure_peak_flops
     path = os.path.join(cache_root(), "peak_flops.json")
     try:
@@ -465,7 +463,7 @@ def add_callbacks(trainer, config, flops_per_token=None, peak_flops=None):
     route the model's bf16 products through fp32 (bf16_linears_through_fp32): every script calls this before
     training or evaluating."""
     match_loss_scaling(trainer)
-    if trainer.args.bf16 and device_kind(trainer.args) == "cpu" and not native_bf16_matmul("cpu"):
+    if bf16_goes_through_fp32(compute_dtype(trainer.args), device_kind(trainer.args)):
         changed = bf16_linears_through_fp32(trainer.accelerator.unwrap_model(trainer.model))
         logger.warning("bf16 on a CPU without bf16 matrix units: %d linear layers compute their bf16 products in "
                        "fp32 (bf16 rounding, fp32 speed); torch's own bf16 GEMM is 6-40x slower here", changed)
@@ -644,6 +642,12 @@ def native_bf16_matmul(device="cpu"):
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def bf16_goes_through_fp32(dtype, device="cpu"):
+    """Whether the scripts compute this dtype's products through fp32 here: bf16 where torch has no fast bf16
+    GEMM (bf16_linears_through_fp32). The peak that MFU divides by is timed the same way."""
+    return dtype == torch.bfloat16 and not native_bf16_matmul(device)
 
 
 class _BF16LinearThroughFP32(torch.autograd.Function):

@@ -222,13 +222,12 @@ def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16"), in_proc
     result = {"settings": dict(cfg, seq_len=SEQ_LEN, model=os.path.relpath(MODEL_CONFIG, REPO_ROOT), in_process=in_process,
                                tokenizer=tokenizer_note, corpus=corpus_note, vocab_size=VOCAB_SIZE),
               "peaks": peaks, "rows": rows, "speedup": {}, "parity": None}
-    for dtype in dtypes:
+    for dtype in dtypes:  # speed-up and perplexity parity per dtype; result["parity"] stays fp32's (the target's)
         pair = {r["sparse_mlm_head"]: r for r in rows if r["dtype"] == dtype}
-        if len(pair) == 2:
-            result["speedup"][dtype] = pair[True]["tokens_per_second"] / pair[False]["tokens_per_second"]
-    for dtype in dtypes:  # parity per dtype; result["parity"] stays fp32's (the target's figure)
-        pair = {r["sparse_mlm_head"]: r for r in rows if r["dtype"] == dtype}
-        if len(pair) == 2 and pair[True]["perplexity"] and pair[False]["perplexity"]:
+        if len(pair) != 2:
+            continue
+        result["speedup"][dtype] = pair[True]["tokens_per_second"] / pair[False]["tokens_per_second"]
+        if pair[True]["perplexity"] and pair[False]["perplexity"]:
             ours, theirs = pair[True]["perplexity"], pair[False]["perplexity"]
             result.setdefault("parity_by_dtype", {})[dtype] = {
                 "steps": cfg[f"{dtype}_steps"], "eval_samples": cfg["eval_samples"], "ours": ours, "hf": theirs,

@@ -136,7 +136,7 @@ def section_peak(quick, sizes=None, window=None, project_size=2048):
     budget = 3.0 if quick else 20.0
     rows = []
     kinds = [("fp32", torch.float32, False), ("bf16", torch.bfloat16, False)]
-    if not train_utils.native_bf16_matmul("cpu"):  # the route the scripts take for bf16 on this CPU
+    if train_utils.bf16_goes_through_fp32(torch.bfloat16, "cpu"):  # the route the scripts take for bf16 here
         kinds.append(("bf16 through fp32", torch.bfloat16, True))
     for dtype_name, dtype, through_fp32 in kinds:
         for layout in ("NN", "NT", "TN"):

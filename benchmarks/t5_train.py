@@ -52,7 +52,7 @@ def time_training(config_name, batch, input_length, steps, dtype, device, seed=0
     model = AutoModelForSeq2SeqLM.from_config(config)
     untie_output_layer(model)  # as run_span_t5.py does for a v1.1 config from scratch
     model.to(device).train()
-    if dtype == torch.bfloat16 and not train_utils.native_bf16_matmul(device):
+    if train_utils.bf16_goes_through_fp32(dtype, device):
         train_utils.bf16_linears_through_fp32(model)  # as the scripts do on a CPU without bf16 matrix units
     optimizer = AdamWScale(model.parameters(), lr=1e-3)
     collator = DataCollatorForT5SpanCorruption(tokenizer, input_length=input_length, seed=seed)
