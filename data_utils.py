@@ -288,24 +288,85 @@ def non_blank(texts):
     return [t for t in texts if t and not t.isspace()]
 
 
-def token_ids(tokenizer, texts):
-    """{"input_ids": one list of token ids per text, special tokens added}: what
-    `tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)` returns, computed faster.
+class TokenIds:
+    """`encode = TokenIds(tokenizer)`, then `encode(texts)` -> {"input_ids": one list of token ids per text, special
+    tokens added}: what `tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)` returns,
+    computed faster. Build it once and call it per batch.
 
     For a fast (Rust) tokenizer this calls its `encode_batch_fast`, which skips the character offsets that
-    `tokenizer(...)` always computes and then throws away (about 30% of tokenizing time, the largest cost of
-    preprocessing). Many tokenizer.json files on the Hub (BERT's, MiniLM's) come with truncation and padding
-    switched on in the Rust tokenizer; `tokenizer(...)` without truncation or padding switches them off
-    before encoding, and so do we. Slow (Python) tokenizers take the usual call."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    fast = getattr(backend, "encode_batch_fast", None)
-    if fast is None:
-        return dict(tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False))
-    if backend.truncation is not None:
-        backend.no_truncation()
-    if backend.padding is not None:
-        backend.no_padding()
-    return {"input_ids": [encoding.ids for encoding in fast(texts, add_special_tokens=True)]}
+    `tokenizer(...)` always computes and then throws away (about 30% of tokenizing time). Many tokenizer.json
+    files on the Hub (BERT's, MiniLM's) come with truncation and padding switched on in the Rust tokenizer;
+    `tokenizer(...)` without truncation or padding switches them off before encoding, and so do we.
+
+    BERT's normalizer (clean control characters, space out CJK, strip accents, lowercase) keeps a character
+    alignment through every step and costs about 40% of what remains. On plain ASCII text all it does is
+    lowercase (when the tokenizer lowercases): accents, CJK and other cases of Unicode need non-ASCII input. So
+    ASCII texts without control characters or the tokenizer's raw-matched special tokens (`[MASK]`, matched
+    before normalizing) are lowercased by Python's `str.lower` and go through a copy of the tokenizer without
+    its normalizer; every other text goes through the tokenizer as it is. The ids are the same either way (the
+    tests check it). Slow (Python) tokenizers take the usual call.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self.backend is None or getattr(self.backend, "encode_batch_fast", None) is None:
+            self.backend = None
+            return
+        if self.backend.truncation is not None:
+            self.backend.no_truncation()
+        if self.backend.padding is not None:
+            self.backend.no_padding()
+        self.plain, self.lowercase, self.needs_full = self._ascii_shortcut(self.backend)
+
+    @staticmethod
+    def _ascii_shortcut(backend):
+        """(copy of the tokenizer without normalizer, lowercase?, regex of what ASCII text the copy must not see),
+        or (None, None, None) when the normalizer is not BERT's."""
+        import json
+        import re
+
+        from tokenizers import Tokenizer
+
+        normalizer = json.loads(backend.to_str()).get("normalizer") or {}
+        if normalizer.get("type") != "BertNormalizer":
+            return None, None, None
+        plain = Tokenizer.from_str(backend.to_str())
+        plain.normalizer = None
+        plain.encode_special_tokens = backend.encode_special_tokens
+        # Control characters are deleted by clean_text (tab, CR and LF become spaces): leave them to the normalizer.
+        # Added tokens with normalized=False are matched in the raw text, before lowercasing: a text holding one
+        # in any case (e.g. "[MASK]" or "[mask]") must take the full path too.
+        patterns = [r"[\x00-\x1f\x7f]"] if normalizer.get("clean_text", True) else []
+        patterns += [re.escape(token.content) for token in backend.get_added_tokens_decoder().values()
+                     if not token.normalized and token.content]
+        needs_full = re.compile("|".join(patterns), re.IGNORECASE) if patterns else None
+        return plain, bool(normalizer.get("lowercase", True)), needs_full
+
+    def _full_path(self, text):
+        return not text.isascii() or (self.needs_full is not None and self.needs_full.search(text) is not None)
+
+    def __call__(self, texts):
+        if self.backend is None:
+            return dict(self.tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False))
+        if self.plain is None:
+            return {"input_ids": [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=True)]}
+        full = [i for i, text in enumerate(texts) if self._full_path(text)]
+        ids = [None] * len(texts)
+        if full:
+            for i, encoding in zip(full, self.backend.encode_batch_fast([texts[i] for i in full], add_special_tokens=True)):
+                ids[i] = encoding.ids
+        short = [i for i, done in enumerate(ids) if done is None]
+        if short:
+            plain_texts = [texts[i].lower() if self.lowercase else texts[i] for i in short]
+            for i, encoding in zip(short, self.plain.encode_batch_fast(plain_texts, add_special_tokens=True)):
+                ids[i] = encoding.ids
+        return {"input_ids": ids}
+
+
+def token_ids(tokenizer, texts):
+    """`TokenIds(tokenizer)(texts)`, for a single call (build a TokenIds once when encoding many batches)."""
+    return TokenIds(tokenizer)(texts)
 
 
 def tokenizer_fingerprint(tokenizer):

@@ -181,11 +181,12 @@ def main(argv=None):
 
     # 5. Preprocessing. ADAPT: how text becomes training examples.
     packing = not mlm_args.line_by_line
+    encode = data_utils.TokenIds(tokenizer)
 
     def tokenize(batch):  # batch: a pyarrow Table (the data is formatted as "arrow" below)
         texts = data_utils.non_blank(batch[text_column])  # blank lines carry nothing
         if packing and not (mlm_args.pad_to_max_length or mlm_args.whole_word_mask):
-            encoded = data_utils.token_ids(tokenizer, texts)  # ids only, without character offsets
+            encoded = encode(texts)  # = tokenizer(texts)'s input_ids, computed faster (no offsets)
         else:
             encoded = tokenizer(
                 texts, truncation=mlm_args.line_by_line, max_length=max_seq_length if mlm_args.line_by_line else None,

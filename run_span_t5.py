@@ -303,10 +303,12 @@ def main(argv=None):
     raw_length, target_length = collator.raw_length, collator.target_length
 
     # 5. Preprocessing. ADAPT: how text becomes training examples.
+    encode = data_utils.TokenIds(tokenizer)
+
     def tokenize_and_pack(batch):  # batch: a pyarrow Table (the data is formatted as "arrow" below)
         texts = data_utils.non_blank(batch[text_column])  # blank lines carry nothing
         # T5 tokenizers end every text with </s>, so packed documents stay apart.
-        encoded = data_utils.token_ids(tokenizer, texts)  # = tokenizer(texts) without attention masks or offsets
+        encoded = encode(texts)  # = tokenizer(texts)'s input_ids, computed faster (no offsets)
         # Rows of exactly raw_length tokens, which span corruption turns into max_seq_length encoder and
         # target_length decoder tokens: fixed shapes, no padding anywhere.
         return data_utils.pack_token_ids(encoded, raw_length)
