@@ -29,6 +29,11 @@ from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Optional
 
+# Before torch loads libgomp: idle OpenMP threads spin briefly, then sleep, so jobs sharing the cores do not
+# starve each other (see run_mlm.py; set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose otherwise).
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 import evaluate
 import numpy as np
 import transformers

@@ -20,11 +20,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-# Set before torch loads its OpenMP runtime: worker threads with no work wait asleep instead of spinning.
-# Spinning starves the thread that has work whenever the CPU is shared (parallel sweep trials, other
-# jobs): training steps ran 2-8x slower on a shared 2-core machine (benchmarks/RESULTS.md). Export
-# OMP_WAIT_POLICY=ACTIVE to spin.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Set before torch loads its OpenMP runtime (libgomp): a thread that finishes its share of a parallel region
+# spins for 10,000 iterations (libgomp's default: 300,000) before it sleeps. Long spinning starves the threads
+# that still have work whenever other jobs share the cores (parallel sweep trials, a second run): beside one,
+# training steps ran 2-3x faster with the short spin, and no slower alone (benchmarks/RESULTS.md). Set
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose otherwise.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import evaluate
 import pyarrow as pa

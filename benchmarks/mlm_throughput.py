@@ -425,18 +425,19 @@ COMPETING_JOB = "import torch\na = torch.randn(768, 768)\nwhile True:\n    a @ a
 
 def wait_policy_ab(quick=False, rounds=None):
     """Seconds per fp32 training step (BERT-mini, sparse head) in fresh processes with libgomp's default wait
-    policy (spin, then sleep) and with OMP_WAIT_POLICY=PASSIVE (what run_mlm.py sets), taken in turns: on the
-    machine as it is, and beside a competing job (another 2-thread torch process doing matmuls, as a second
-    training run on the same cores would)."""
+    policy (spin 300,000 iterations, then sleep), with OMP_WAIT_POLICY=PASSIVE (sleep at once) and with
+    GOMP_SPINCOUNT=10000 (what the scripts set), taken in turns: on the machine as it is, and beside a competing
+    job (another 2-thread torch process doing matmuls, as a second training run on the same cores would)."""
     import statistics
 
     batch, steps = (4, 2) if quick else (32, 6)
     rounds = rounds or (1 if quick else 3)
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import mlm_throughput as m; "
             f"print(m.step_stats({batch}, {steps}, keep_freed_memory=True)['step_seconds'])")  # as the scripts run
-    default_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    default_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     settings = {"libgomp default (spin, then sleep)": default_env,
-                "OMP_WAIT_POLICY=PASSIVE": {**default_env, "OMP_WAIT_POLICY": "PASSIVE"}}
+                "OMP_WAIT_POLICY=PASSIVE": {**default_env, "OMP_WAIT_POLICY": "PASSIVE"},
+                "GOMP_SPINCOUNT=10000 (the scripts)": {**default_env, "GOMP_SPINCOUNT": "10000"}}
     rows = []
     for condition in ("alone", "beside a competing 2-thread job"):
         competitor = None

@@ -14,11 +14,10 @@ its figures are not comparable and no target is judged on them.
 
 import os
 
-# As run_mlm.py does, before torch loads: OpenMP threads sleep while they wait, so the in-process sections
-# (peak, profile, experiments) run under run_mlm.py's threading. The T5 step runs in a fresh process under
-# run_span_t5.py's (which does not set the policy).
-USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # what the scripts we start in fresh processes get
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As the scripts do, before torch loads: idle OpenMP threads spin briefly, then sleep, so the in-process
+# sections (peak, profile, experiments) and the processes started from here run under the scripts' threading.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -90,7 +89,8 @@ def machine_info():
         "torch": torch.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default"),
+        "omp_wait_policy": (f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if "OMP_WAIT_POLICY" in os.environ
+                            else f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'libgomp default')}"),
         "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset"),
     }
 
@@ -212,16 +212,12 @@ def section_t5(quick, results=None, with_training=True):
     out = {"collator": t5_collator.run(batch=32, input_length=512, repeats=20 if quick else 200)}
     if not with_training:
         return out
-    # A fresh process, as run_span_t5.py's training runs: none of this process's heap or threads, and
-    # OpenMP's wait policy left at libgomp's default (run_span_t5.py does not set it; this process does).
+    # A fresh process, as run_span_t5.py's training runs: none of this process's heap or threads.
     # MFU against section 1's peak, as for run_mlm.py (when this run measured it).
     peaks = ((results or {}).get("peak") or {}).get("peak_flops")
     command = [sys.executable, os.path.join(HERE, "t5_train.py"), "--json"] + (["--quick"] if quick else []) \
         + (["--peaks", json.dumps(peaks)] if peaks else [])
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if USER_OMP_WAIT_POLICY is not None:
-        env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         out["train_skipped"] = f"benchmarks/t5_train.py failed: {done.stderr.strip().splitlines()[-1:]}"
         return out
@@ -461,7 +457,7 @@ def render(results, meta, plots):
             ("GPU", machine["gpu"]),
             ("Software", f"torch {machine['torch']}, transformers {machine['transformers']}, datasets "
                          f"{machine['datasets']}, Python {machine['python']}"),
-            ("Threads", f"OMP_WAIT_POLICY={machine['omp_wait_policy']}, "
+            ("Threads", f"{machine['omp_wait_policy']}, "
                         f"TOKENIZERS_PARALLELISM={machine['tokenizers_parallelism']}"),
             ("Load average (1 min)", f"{meta['load_start'][0]:.1f} at the start, {meta['load_end'][0]:.1f} at the end; "
                                       "per-section figures below"),
@@ -530,27 +526,32 @@ def write_findings(results):
                          "torch.compile (the Trainer's --torch_compile) was tried by hand: about 4 minutes of "
                          "compilation and no faster step at this size.")
         policy = (exp.get("wait_policy") or {}).get("rows", [])
-        by = {(r.get("condition", "alone"), "PASSIVE" in r["setting"]): r["step_seconds"] for r in policy}
+        kinds = {"default": "libgomp default", "passive": "PASSIVE", "spin": "GOMP_SPINCOUNT"}
+        by = {(r.get("condition", "alone"), kind): r["step_seconds"] for r in policy
+              for kind, tag in kinds.items() if tag in r["setting"]}
         parts, ratios = [], {}
         for condition in dict.fromkeys(r.get("condition", "alone") for r in policy):
-            default, passive = by.get((condition, False)), by.get((condition, True))
-            if default and passive:
-                ratios[condition] = default / passive
-                parts.append(f"{condition}: libgomp's default {default:.2f} s per step, PASSIVE {passive:.2f} s "
-                             f"({default / passive:.2f}x)")
+            default, passive, spin = (by.get((condition, kind)) for kind in kinds)
+            if default and spin:
+                ratios[condition] = default / spin
+                parts.append(f"{condition}: libgomp's default {default:.2f} s per step, GOMP_SPINCOUNT=10000 "
+                             f"{spin:.2f} s ({default / spin:.2f}x)"
+                             + (f", PASSIVE {passive:.2f} s ({default / passive:.2f}x)" if passive else ""))
         if parts:
             alone = ratios.get("alone")
             cost = ("" if alone is None else
-                    f" On an idle machine it cost {1 / alone - 1:.0%} per step in this run." if alone < 0.97 else
-                    " On an idle machine it made no measurable difference in this run.")
+                    f" On an idle machine the short spin cost {1 / alone - 1:.0%} per step in this run." if alone < 0.97
+                    else " On an idle machine it made no measurable difference in this run.")
             notes.append(
                 "**OpenMP's wait policy** (a fresh process per run, in turns): " + "; ".join(parts) + ". By default "
-                "a torch thread that finished its share of a parallel region spins, waiting for the next one; when "
-                "another job shares the cores, the spinning takes the CPU from the thread still working (or from the "
-                "other job), and every region waits for its slowest thread. PASSIVE threads sleep instead and must "
-                "be woken for the next region." + cost + " run_mlm.py sets OMP_WAIT_POLICY=PASSIVE before torch "
-                "loads unless the variable is already set (export OMP_WAIT_POLICY=ACTIVE to keep threads spinning); "
-                "all run_mlm.py figures above include it.")
+                "a torch thread that finished its share of a parallel region spins (300,000 iterations), waiting "
+                "for the next one; when another job shares the cores, the spinning takes the CPU from the thread "
+                "still working (or from the other job), and every region waits for its slowest thread. PASSIVE "
+                "threads sleep at once and must be woken for the next region, which costs steps made of many "
+                "small regions; a short spin "
+                "keeps the quick hand-over and still yields the cores." + cost + " All three scripts set "
+                "GOMP_SPINCOUNT=10000 before torch loads unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is already "
+                "set; all figures above include it.")
     malloc = (exp.get("malloc") or {}).get("rows", []) if _ok(exp) else []
     if len(malloc) == 2:
         default, keep = malloc

@@ -20,8 +20,11 @@ import statistics
 import sys
 import time
 
-import numpy as np
-import torch
+if "OMP_WAIT_POLICY" not in os.environ:  # as run_span_t5.py sets it, before torch loads
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (REPO_ROOT, os.path.join(REPO_ROOT, "benchmarks")):

@@ -131,3 +131,35 @@ def test_trust_remote_code_is_off_by_default():
     from arguments import ModelArguments
 
     assert ModelArguments().trust_remote_code is False
+
+
+@pytest.mark.parametrize("user_env, expected", [
+    ({}, "10000"),                                      # unset: the scripts' short spin
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, None),              # the user's wait policy wins: no spin count added
+    ({"GOMP_SPINCOUNT": "500"}, "500"),                 # the user's spin count is kept
+])
+def test_scripts_set_a_short_openmp_spin_unless_the_user_chose(user_env, expected):
+    """Each script, imported in a fresh interpreter (as `python script.py` starts), sets GOMP_SPINCOUNT=10000
+    before torch loads libgomp, and leaves OMP_WAIT_POLICY / GOMP_SPINCOUNT that the user set alone."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(user_env)
+    # One interpreter imports the three scripts in turn, restoring the variables in between, so each import
+    # shows what that script alone sets.
+    code = (
+        "import importlib, os, sys\n"
+        "sys.path.insert(0, '.')\n"
+        "before = dict(os.environ)\n"
+        "for script in ('run_mlm', 'run_span_t5', 'fine_tune_glue'):\n"
+        "    importlib.import_module(script)\n"
+        "    print(script, os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))\n"
+        "    os.environ.clear(); os.environ.update(before)\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [value for script in ("run_mlm", "run_span_t5", "fine_tune_glue")
+                                  for value in (script, str(expected), user_env.get("OMP_WAIT_POLICY", "None"))]
