@@ -371,7 +371,7 @@ def experiments(quick=False, batch=None, rounds=None):
         train_utils.enable_sparse_mlm_head(model)
         model.train()
         if through_fp32:
-            train_utils.bf16_linears_through_fp32(model)
+            train_utils.bf16_through_fp32(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the Trainer's default
         ids = torch.randint(5, VOCAB_SIZE, (size, SEQ_LEN), generator=generator)
         labels = torch.where(torch.rand(ids.shape, generator=generator) < 0.15, ids, -100)

@@ -56,7 +56,7 @@ def time_training(config_name, batch, input_length, steps, dtype, device, seed=0
     untie_output_layer(model)  # as run_span_t5.py does for a v1.1 config from scratch
     model.to(device).train()
     if train_utils.bf16_goes_through_fp32(dtype, device):
-        train_utils.bf16_linears_through_fp32(model)  # as the scripts do on a CPU without bf16 matrix units
+        train_utils.bf16_through_fp32(model)  # as the scripts do on a CPU without bf16 matrix units
     optimizer = AdamWScale(model.parameters(), lr=1e-3)
     collator = DataCollatorForT5SpanCorruption(tokenizer, input_length=input_length, seed=seed)
     # Rows as the script hands them over: numpy arrays from a dataset in numpy format.

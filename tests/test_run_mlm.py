@@ -450,6 +450,49 @@ def test_bf16_linear_through_fp32_matches_torchs_bf16_linear():
         assert torch.equal(ours(x), reference(x))
 
 
+def test_bf16_attention_through_fp32_matches_torchs_bf16_attention(tmp_path):
+    """The SDPA route gives what torch's bf16 attention gives (output and gradients, within bf16 rounding, dtypes
+    included), with T5's relative position bias and a padding mask; a T5 takes it without its config changing."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import train_utils
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16).bfloat16() for n in (6, 9, 9))
+    bias = torch.randn(1, 4, 6, 9).bfloat16()
+    mask = torch.zeros(2, 1, 6, 9, dtype=torch.bfloat16)
+    mask[1, ..., 7:] = torch.finfo(torch.bfloat16).min
+    module = torch.nn.Module()
+    module.is_causal = False
+    results = []
+    for attention in (sdpa_attention_forward, train_utils._sdpa_bf16_through_fp32):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attention(module, *inputs[:3], mask, scaling=1.0, position_bias=inputs[3])
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results.append([out] + [t.grad for t in inputs])
+    for expected, got in zip(*results):
+        assert got.dtype == expected.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2)
+
+    config = AutoConfig.from_pretrained(f"{ROOT}/configs/t5-tiny.json")
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    assert model.config._attn_implementation == "sdpa"
+    assert train_utils.bf16_through_fp32(model)[1]
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids[:, :5].contiguous()).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+    model.save_pretrained(tmp_path)
+    assert "sdpa" not in (tmp_path / "config.json").read_text()  # the saved format does not change
+    eager = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(f"{ROOT}/configs/t5-tiny.json"),
+                                              attn_implementation="eager")
+    assert not train_utils.bf16_attention_through_fp32(eager)  # eager attention is the user's choice: left alone
+
+
 def test_bf16_on_a_cpu_without_bf16_units_trains_through_fp32(tmp_path, text_corpus, monkeypatch, caplog):
     from transformers import AutoModelForMaskedLM
 
@@ -463,6 +506,6 @@ def test_bf16_on_a_cpu_without_bf16_units_trains_through_fp32(tmp_path, text_cor
     caplog.set_level(logging.WARNING)
     metrics = run(tmp_path, "--bf16", "--use_cpu", "--save_strategy=no", corpus=text_corpus)
     assert math.isfinite(metrics["eval_loss"]) and calls
-    assert "linear layers compute their bf16 products in fp32" in caplog.text
+    assert "linear layers and the attention compute their bf16 products in fp32" in caplog.text
     _, loading = AutoModelForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(loading.values())  # an ordinary checkpoint: no missing, unexpected or mismatched weights
