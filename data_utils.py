@@ -291,7 +291,7 @@ def non_blank(texts):
 class TokenIds:
     """`encode = TokenIds(tokenizer)`, then `encode(texts)` -> {"input_ids": one list of token ids per text, special
     tokens added}: what `tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)` returns,
-    computed faster. Build it once and call it per batch.
+    computed faster. Build it once, after the last change to the tokenizer (it copies it), and call it per batch.
 
     For a fast (Rust) tokenizer this calls its `encode_batch_fast`, which skips the character offsets that
     `tokenizer(...)` always computes and then throws away (about 30% of tokenizing time). Many tokenizer.json
