@@ -595,9 +595,10 @@ def write_findings(results):
         if route and f32:
             text += (f", and at batch {route['batch']} {route['step_seconds']:.2f} s per step against "
                      f"{f32['step_seconds']:.2f} s in fp32")
-        text += (". SDPA attention goes the same way (q, k, v and the mask in fp32, the output rounded to bf16): the "
-                 "backward of torch's fused CPU attention took 5x its fp32 time in bf16 (40 ms against 8 for a T5 "
-                 "cross-attention, 114 queries over 512 keys), 10% of a T5-small bf16 step.")
+        text += (". SDPA attention goes the same way (q, k, v and the mask in fp32, the output rounded to bf16): "
+                 "timed by hand on this machine, not in this run, the backward of torch's fused CPU attention took "
+                 "5x its fp32 time in bf16 (40 ms against 8 for a T5 cross-attention, 114 queries over 512 keys), "
+                 "about 10% of a T5-small bf16 step.")
         if bf16_rate:
             text += (f" bf16 MFU divides by that route's rate ({bf16_rate / 1e9:.1f} GFLOP/s, section 1), the fastest "
                      "bf16 multiply this machine has.")
