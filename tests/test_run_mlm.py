@@ -299,46 +299,50 @@ def test_token_ids_equal_the_tokenizer_call(tmp_path):
     assert data_utils.token_ids(NoSlowCall(), texts)["input_ids"] == expected[wordpiece]
 
 
-ASCII_SHORTCUT_TEXTS = [
+PIECE_TEXTS = [
     "The Cat SAT on the Mat.", "plain ascii, with punctuation: (yes) 3.14 @-@ it's", "Hello [MASK] world",
-    "hello [mask] there", "[CLS][SEP] [Pad] [unk]", "tab\there", "vertical\x0btab", "form\x0cfeed", "del\x7fete",
-    "nul\x00byte", "carriage\rreturn", "Café naïve ÅNGSTRÖM", "中文 text 日本", "ÀB", "x", "   a   ", "ﬁne “quotes”",
+    "hello [mask] there", "[CLS][SEP] [Pad] [unk]", "[MASK], a[MASK]b", "tab\there", "vertical\x0btab", "form\x0cfeed",
+    "del\x7fete", "nul\x00byte", "carriage\rreturn", "line\nbreak", "Café naïve ÅNGSTRÖM", "a \u0301b \u0301", "中文 text 日本",
+    "ÀB", "x", "", " ", "   a   ", "a  b", "no\u00a0break\u2003em", "ﬁne “quotes”", "ΟΔΟΣ ΟΔΟΣ.", "w" * 150 + " w",
 ]
 
 
 @pytest.mark.parametrize("lowercase", [True, False])
-def test_token_ids_ascii_shortcut_gives_the_tokenizer_ids(lowercase):
-    """TokenIds sends plain ASCII texts through a copy of a BERT tokenizer without its normalizer; every text
-    gets the ids of tokenizer(texts): mixed case, special tokens in any case (raw-matched, so they must take
-    the full path), control characters (deleted by the normalizer, split on by the pre-tokenizer), accents
-    and CJK (non-ASCII: full path)."""
+def test_token_ids_of_space_separated_pieces_are_the_tokenizer_ids(lowercase):
+    """TokenIds tokenizes each space-separated piece once with a BERT tokenizer and joins the pieces' ids; every
+    text gets the ids of tokenizer(texts), the first time and from remembered pieces: mixed case, special
+    tokens in any case and inside pieces, control characters, other whitespace, accents (a combining mark
+    right after a space), CJK, a word over WordPiece's 100 characters, empty texts and runs of spaces. A
+    tokenizer with an added token that holds a space takes whole texts, and must."""
     import data_utils
     from conftest import SENTENCES
 
-    tokenizer = data_utils.train_wordpiece_tokenizer([SENTENCES + ASCII_SHORTCUT_TEXTS], 300, 64, lowercase=lowercase)
-    texts = SENTENCES + ASCII_SHORTCUT_TEXTS
+    tokenizer = data_utils.train_wordpiece_tokenizer([SENTENCES + PIECE_TEXTS], 300, 64, lowercase=lowercase)
+    texts = SENTENCES + PIECE_TEXTS
     expected = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     encode = data_utils.TokenIds(tokenizer)
-    assert encode.plain is not None and encode.lowercase is lowercase
-    full_path = [text for text in texts if encode._full_path(text)]
-    for text in ("Hello [MASK] world", "hello [mask] there", "vertical\x0btab", "Café naïve ÅNGSTRÖM", "tab\there"):
-        assert text in full_path
-    assert "The Cat SAT on the Mat." not in full_path and len(full_path) < len(texts) - len(SENTENCES)
+    assert encode.pieces == {}
     assert encode(texts)["input_ids"] == expected
-    # Without the guards the shortcut would be wrong on exactly these texts: the check above can fail.
-    encode.needs_full = None
-    wrong = [text for text, got, want in zip(texts, encode(texts)["input_ids"], expected) if got != want]
-    assert "vertical\x0btab" in wrong and "nul\x00byte" in wrong and (not lowercase or "Hello [MASK] world" in wrong)
+    assert "Mat." in encode.pieces and "" in encode.pieces
+    assert encode(texts[::-1])["input_ids"] == expected[::-1]  # now every piece is remembered
+
+    tokenizer.add_tokens(["new york"])
+    texts = ["I love new york", "new  york", "new york new"]
+    expected = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    encode = data_utils.TokenIds(tokenizer)
+    assert encode.pieces is None and encode(texts)["input_ids"] == expected
+    encode.pieces, encode.around = {}, data_utils.TokenIds._special_ids_around(encode.backend)
+    assert encode(texts)["input_ids"] != expected  # without that guard the pieces would be wrong: the check can fail
 
 
-def test_token_ids_shortcut_on_real_text_and_not_for_other_normalizers(tmp_path):
-    """On WikiText (../shared) with MiniLM's tokenizer, TokenIds' ids equal the tokenizer call's, and most lines
-    take the shortcut; a T5 Unigram tokenizer (not BERT's normalizer) never does."""
+def test_token_ids_pieces_on_real_text_and_not_for_other_tokenizers(tmp_path):
+    """On WikiText (../shared) with MiniLM's tokenizer, TokenIds' ids equal the tokenizer call's and far fewer
+    pieces are tokenized than the text holds; a T5 Unigram tokenizer (not BERT's normalizer) takes whole texts."""
     import data_utils
     from conftest import SENTENCES
 
     unigram = data_utils.train_t5_unigram_tokenizer(SENTENCES * 3, 150, output_dir=tmp_path / "t5", num_sentinels=4)
-    assert data_utils.TokenIds(unigram).plain is None
+    assert data_utils.TokenIds(unigram).pieces is None
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
     wiki, minilm = os.path.join(root, "data", "wikitext-2-raw", "wiki.valid.raw"), os.path.join(root, "models", "minilm-l6-h384-uncased")
     if not (os.path.exists(wiki) and os.path.isdir(minilm)):
@@ -349,8 +353,8 @@ def test_token_ids_shortcut_on_real_text_and_not_for_other_normalizers(tmp_path)
     texts = data_utils.non_blank(open(wiki, encoding="utf-8").read().splitlines())
     expected = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
     encode = data_utils.TokenIds(tokenizer)
-    assert sum(not encode._full_path(text) for text in texts) > len(texts) / 2
-    assert encode(texts)["input_ids"] == expected
+    assert [ids for i in range(0, len(texts), 1000) for ids in encode(texts[i : i + 1000])["input_ids"]] == expected
+    assert len(encode.pieces) < sum(len(text.split(" ")) for text in texts) / 5
 
 
 def test_overwrite_cache_runs_the_edited_function(tmp_path):
