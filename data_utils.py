@@ -304,8 +304,8 @@ class TokenIds:
     works character by character and the pre-tokenizer splits at every space. So a text's ids are the ids of its
     space-separated pieces, one after the other, between the special tokens the tokenizer adds. Natural text
     repeats its pieces ("the", "of", "1990,") over and over, so each piece is tokenized once, by the tokenizer
-    itself, and looked up from then on (about 2x less CPU on 11 MB of distinct WikiText, Shakespeare and GLUE
-    text, more on bigger corpora). An added token with a space in it could span two pieces: such a tokenizer,
+    itself, and looked up from then on (benchmarks/RESULTS.md, section 3: less CPU than the tokenizer alone even
+    on text seen for the first time, and far less once a corpus repeats its pieces). An added token with a space in it could span two pieces: such a tokenizer,
     and any other normalizer or pre-tokenizer, takes the tokenizer for whole texts. Slow (Python) tokenizers
     take the usual call.
     """

@@ -722,7 +722,10 @@ def write_mlm(result, plots):
            else f"; fp32 runs {s['fp32_steps']} steps, bf16 runs {s['bf16_steps']}")
         + f"; tokens/s over the steps after the first {s['warmup']} (total tokens / "
         "total time), read from the Trainer's log history (`tokens_per_second`, one log per step). Each variant "
-        "is its own `python run_mlm.py` process; the only differences are `--sparse_mlm_head` and `--bf16`.",
+        "is its own `python run_mlm.py` process; the only differences are `--sparse_mlm_head` and `--bf16`."
+        + (f" {s['rounds']} rounds, the four runs in turns in each; the table shows the median round of each variant "
+           "(every round's tokens/s in the last column), perplexity and eval from the first round, peak memory the "
+           "highest of the rounds." if s.get("rounds", 1) > 1 else ""),
         "",
         "MFU = tokens/s x FLOPs per token / peak. FLOPs per token: `train_utils.transformer_flops_per_token` = "
         "6 x non-embedding weights + 12 x layers x width x sequence (attention; Kaplan et al. 2020 Table 1, "
@@ -736,9 +739,11 @@ def write_mlm(result, plots):
         rows.append((r["dtype"], r["variant"], _num(r["tokens_per_second"]), _num(r["best_step_tokens_per_second"]),
                      f"{r['flops_per_token'] / 1e6:.1f}M", _num(r["achieved_gflops"], 1), _pct(r["mfu"]),
                      _pct(r["logged_mfu"]), _num(r["peak_memory_mb"]), _num(r["perplexity"], 1),
-                     f"{r['load_before']:.1f} / {r['load_after']:.1f}"))
+                     f"{r['load_before']:.1f} / {r['load_after']:.1f}",
+                     ", ".join(_num(t) for t in r.get("all_tokens_per_second", [r["tokens_per_second"]]))))
     lines += [table(["dtype", "variant", "tokens/s", "best step tokens/s", "FLOPs/token", "GFLOP/s", "MFU",
-                     "logged MFU", "peak memory MB", "eval perplexity", "load before / after"], rows), ""]
+                     "logged MFU", "peak memory MB", "eval perplexity", "load before / after",
+                     "tokens/s of each round"], rows), ""]
     speed = result.get("speedup") or {}
     lines.append("Speed-up of ours over the HF head: " + ", ".join(f"{d} {_x(v)}" for d, v in speed.items()) + ".")
     ref = REFERENCE["hf_tokens_per_second"]
@@ -878,11 +883,15 @@ def write_t5(result, plots):
     if "train" in result:
         t = result["train"]
         lines += [f"Training (`benchmarks/t5_train.py` in a fresh process, OpenMP threading as run_span_t5.py leaves it): {t['config']} on {t['device']}, batch {t['batch']}, input "
-                  f"length {t['input_length']}, median step of the timed steps (after a warm-up step).", ""]
+                  f"length {t['input_length']}, median step of the timed steps (after a warm-up step); the fp32 and bf16 "
+                  "models take turns step by step, so the machine's busy moments hit both alike.", ""]
         lines += [table(["dtype", "timed steps", "step ms", "encoder tokens/s", "all tokens/s", "MFU", "collate ms", "collation share"],
                         [(r["dtype"], r.get("steps", t.get("steps")), f"{r['step_ms']:.0f}", _num(r["tokens_per_second"]),
                           _num(r["all_tokens_per_second"]), _pct(r["mfu"]) if r["mfu"] is not None else "n/a",
                           f"{r['collator_ms']:.2f}", _pct(r["collator_share"], 2)) for r in t["rows"]]), ""]
+        if all(r.get("all_step_ms") for r in t["rows"]):
+            lines += ["Every timed step, ms: " + "; ".join(
+                f"{r['dtype']} {', '.join(f'{ms:,.0f}' for ms in r['all_step_ms'])}" for r in t["rows"]) + ".", ""]
     else:
         lines += [f"Training skipped: {result.get('train_skipped')}", ""]
     return lines

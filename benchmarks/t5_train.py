@@ -43,9 +43,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_training(config_name, batch, input_length, steps, dtype, device, seed=0, mfu=True, peak=None):
-    """Median ms of a training step (collator excluded) and of collating one batch, for one dtype. MFU divides by
-    `peak` (FLOP/s), by default the best matmul rate seen on this machine (train_utils.cached_peak_flops)."""
+def make_step(config_name, batch, input_length, dtype, device, seed=0):
+    """(step, flops per token, target length) for one dtype: `step()` collates one batch and runs one training
+    step on it, and returns (collate seconds, step seconds)."""
     if device == "cpu":
         train_utils.keep_freed_memory_for_reuse()  # as run_span_t5.py does before training on a CPU
     torch.manual_seed(seed)
@@ -63,60 +63,73 @@ def time_training(config_name, batch, input_length, steps, dtype, device, seed=0
     rows = np.random.default_rng(seed).integers(3, 32000, size=(batch, collator.raw_length), dtype=np.int64)
     examples = [{"input_ids": row} for row in rows]
 
-    def step(inputs):
+    def step():
+        start = time.perf_counter()
+        inputs = collator(examples)
+        collated = time.perf_counter()
+        inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        return collated - start, time.perf_counter() - collated
 
-    step_times, collate_times = [], []
+    flops = train_utils.encoder_decoder_flops_per_token(model, input_length, collator.target_length)
+    return step, flops, collator.target_length
+
+
+def time_training(config_name, batch, input_length, steps, dtypes, device, seed=0, mfu=True, peaks=None):
+    """Median ms of a training step (collator excluded) and of collating one batch, per dtype. The dtypes take
+    turns step by step, so a busy moment of a shared machine hits each of them alike. MFU divides by `peaks`
+    ({"fp32": FLOP/s, "bf16": ...}), by default the best matmul rate seen here (train_utils.cached_peak_flops)."""
+    setups = {dtype: make_step(config_name, batch, input_length, dtype, device, seed) for dtype in dtypes}
+    times = {dtype: ([], []) for dtype in dtypes}
     warmup = 2 if device == "cuda" else 1  # allocator, kernel selection (and cuBLAS autotuning)
     for i in range(steps + warmup):
-        start = time.perf_counter()
-        inputs = collator(examples)
-        collated = time.perf_counter()
-        inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
-        step(inputs)
-        _sync(device)
-        if i >= warmup:
-            collate_times.append(collated - start)
-            step_times.append(time.perf_counter() - collated)
-    flops = train_utils.encoder_decoder_flops_per_token(model, input_length, collator.target_length)
-    if mfu and peak is None:
-        peak = train_utils.cached_peak_flops(dtype, device)
-    elif not mfu:
-        peak = None
-    step_ms, collate_ms = statistics.median(step_times) * 1000, statistics.median(collate_times) * 1000
-    tokens = batch * input_length
-    return {
-        "dtype": str(dtype).replace("torch.", ""),
-        "steps": steps,
-        "step_ms": step_ms,
-        "tokens_per_second": tokens / step_ms * 1000,
-        "all_tokens_per_second": batch * (input_length + collator.target_length) / step_ms * 1000,
-        "mfu": tokens / step_ms * 1000 * flops / peak if peak else None,
-        "collator_ms": collate_ms,
-        "collator_share": collate_ms / (step_ms + collate_ms),
-        "target_length": collator.target_length,
-    }
+        for dtype, (step, _, _) in setups.items():
+            collate_seconds, step_seconds = step()
+            if i >= warmup:
+                times[dtype][0].append(collate_seconds)
+                times[dtype][1].append(step_seconds)
+    rows = []
+    for dtype, (_, flops, target_length) in setups.items():
+        peak = (peaks or {}).get("fp32" if dtype == torch.float32 else "bf16")
+        if mfu and peak is None:
+            peak = train_utils.cached_peak_flops(dtype, device)
+        elif not mfu:
+            peak = None
+        step_ms, collate_ms = statistics.median(times[dtype][1]) * 1000, statistics.median(times[dtype][0]) * 1000
+        tokens = batch * input_length
+        rows.append({
+            "dtype": str(dtype).replace("torch.", ""),
+            "steps": steps,
+            "step_ms": step_ms,
+            "all_step_ms": [round(s * 1000, 1) for s in times[dtype][1]],
+            "tokens_per_second": tokens / step_ms * 1000,
+            "all_tokens_per_second": batch * (input_length + target_length) / step_ms * 1000,
+            "mfu": tokens / step_ms * 1000 * flops / peak if peak else None,
+            "collator_ms": collate_ms,
+            "collator_share": collate_ms / (step_ms + collate_ms),
+            "target_length": target_length,
+        })
+    return rows
 
 
 def run(quick=False, config="t5-small", batch=None, input_length=512, steps=None, device=None, peaks=None):
-    """Time fp32 and bf16 training steps; returns a dict with one row per dtype and the collator benchmark.
-    `peaks`: {"fp32": FLOP/s, "bf16": FLOP/s} to compute MFU against (benchmarks/run.py passes its section 1)."""
+    """Time fp32 and bf16 training steps, in turns; returns a dict with one row per dtype and the collator
+    benchmark. `peaks`: {"fp32": FLOP/s, "bf16": FLOP/s} to compute MFU against (benchmarks/run.py passes its
+    section 1)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quick:
         config, input_length, batch, steps = "t5-tiny", 128, batch or 2, steps or 1
     # 32 x 512 is the batch the collator target refers to. One such step of the 77M model takes a minute on
-    # 2 CPU cores, so CPUs get batch 2 and 5 timed steps; the collator's share barely depends on the batch, as
-    # collating and the step both grow in proportion to it.
+    # 2 CPU cores, so CPUs get batch 2 and 8 timed steps per dtype; the collator's share barely depends on the
+    # batch, as collating and the step both grow in proportion to it.
     batch = batch or (32 if device == "cuda" else 2)
-    step_counts = {torch.float32: steps or (10 if device == "cuda" else 5),
-                   torch.bfloat16: steps or (10 if device == "cuda" else 5)}
-    rows = [time_training(config, batch, input_length, step_counts[dtype], dtype, device, mfu=not quick,
-                          peak=(peaks or {}).get("fp32" if dtype == torch.float32 else "bf16"))
-            for dtype in (torch.float32, torch.bfloat16)]
+    rows = time_training(config, batch, input_length, steps or (10 if device == "cuda" else 8),
+                         (torch.float32, torch.bfloat16), device, mfu=not quick, peaks=peaks)
     reference = t5_collator.run(batch=32, input_length=512, repeats=20 if quick else 100)
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
