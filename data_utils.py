@@ -292,8 +292,8 @@ def non_blank(texts):
 class TokenIds:
     """`encode = TokenIds(tokenizer)`, then `encode(texts)` -> {"input_ids": one list of token ids per text, special
     tokens added}: what `tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)` returns,
-    computed faster. Build it once, after the last change to the tokenizer (it copies its settings), and call it
-    per batch: it remembers the pieces it has seen.
+    computed faster. Build it once, after the last change to the tokenizer, and call it per batch: it remembers
+    the pieces it has seen, tokenized as the tokenizer was then.
 
     For a fast (Rust) tokenizer this calls its `encode_batch_fast`, which skips the character offsets that
     `tokenizer(...)` always computes and then throws away (about 30% of tokenizing time). Many tokenizer.json
@@ -304,18 +304,21 @@ class TokenIds:
     works character by character and the pre-tokenizer splits at every space. So a text's ids are the ids of its
     space-separated pieces, one after the other, between the special tokens the tokenizer adds. Natural text
     repeats its pieces ("the", "of", "1990,") over and over, so each piece is tokenized once, by the tokenizer
-    itself, and looked up from then on (benchmarks/RESULTS.md, section 3: less CPU than the tokenizer alone even
-    on text seen for the first time, and far less once a corpus repeats its pieces). An added token with a space in it could span two pieces: such a tokenizer,
-    and any other normalizer or pre-tokenizer, takes the tokenizer for whole texts. Slow (Python) tokenizers
-    take the usual call.
+    itself, and looked up from then on (benchmarks/RESULTS.md, section 3: less CPU than the tokenizer alone
+    even on text seen for the first time, and far less once a corpus repeats its pieces). An added token with
+    a space in it could span two pieces: such a tokenizer, and any other normalizer or pre-tokenizer, takes
+    the tokenizer for whole texts. Slow (Python) tokenizers take the usual call.
     """
 
-    MAX_PIECES = 500_000  # remembered pieces (about 100 MB); the memory is cleared and refilled beyond that
+    # What it remembers is forgotten and gathered afresh beyond this many pieces or characters (text without
+    # spaces, such as Chinese, makes every line one long piece): about 100-400 MB at most.
+    MAX_PIECES, MAX_CHARACTERS = 500_000, 10_000_000
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.pieces = None  # piece -> its ids, where a text's ids are its pieces' ids (see above)
+        self.characters = 0  # in the remembered pieces
         if self.backend is None or getattr(self.backend, "encode_batch_fast", None) is None:
             self.backend = None
             return
@@ -361,12 +364,14 @@ class TokenIds:
             return dict(self.tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False))
         if self.pieces is None:
             return {"input_ids": [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=True)]}
-        if len(self.pieces) > self.MAX_PIECES:
+        if len(self.pieces) > self.MAX_PIECES or self.characters > self.MAX_CHARACTERS:
             self.pieces.clear()
+            self.characters = 0
         try:
             return {"input_ids": self._join(texts)}
         except KeyError:  # pieces not seen before: tokenize them all in one call, then join
             new = list(set(chain.from_iterable(text.split(" ") for text in texts)).difference(self.pieces))
+            self.characters += sum(map(len, new))
             for piece, encoding in zip(new, self.backend.encode_batch_fast(new, add_special_tokens=False)):
                 self.pieces[piece] = encoding.ids
             return {"input_ids": self._join(texts)}

@@ -595,9 +595,9 @@ def enable_sparse_mlm_head(model):
 
     With a 30k vocabulary the output layer costs more than the whole encoder, yet only ~15% of the
     positions carry a label. The weights and the saved format are untouched: only this instance's
-    forward changes. In training and evaluation the returned `logits` are the argmax token ids at the
-    labelled positions (-100 elsewhere), so metrics never hold full-vocabulary logits; without labels
-    the model returns ordinary full logits. Returns False (and changes nothing) for models whose head
+    forward changes. In evaluation the returned `logits` are the argmax token ids at the labelled
+    positions (-100 elsewhere), so metrics never hold full-vocabulary logits; a training step returns the
+    loss alone; without labels the model returns ordinary full logits. Returns False (and changes nothing) for models whose head
     is not one module beside the encoder.
     """
     from transformers.modeling_outputs import MaskedLMOutput
@@ -622,6 +622,8 @@ def enable_sparse_mlm_head(model):
             loss = F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch
         else:
             loss = F.cross_entropy(logits, targets)
+        if model.training:  # the Trainer reads only the loss of a training step; an argmax is ~1.5% of a CPU step
+            return MaskedLMOutput(loss=loss)
         predictions = torch.full_like(labels, -100)
         predictions[selected] = logits.argmax(-1)
         return MaskedLMOutput(loss=loss, logits=predictions)

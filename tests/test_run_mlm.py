@@ -335,6 +335,21 @@ def test_token_ids_of_space_separated_pieces_are_the_tokenizer_ids(lowercase):
     assert encode(texts)["input_ids"] != expected  # without that guard the pieces would be wrong: the check can fail
 
 
+def test_token_ids_forget_pieces_beyond_their_bounds_and_stay_exact():
+    """TokenIds' memory of pieces is bounded (pieces and characters); past a bound it starts afresh, same ids."""
+    import data_utils
+    from conftest import SENTENCES
+
+    tokenizer = data_utils.train_wordpiece_tokenizer([SENTENCES], 200, 64)
+    expected = tokenizer(SENTENCES, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    encode = data_utils.TokenIds(tokenizer)
+    encode.MAX_CHARACTERS = 40
+    got = [ids for text in SENTENCES for ids in encode([text])["input_ids"]]
+    assert got == expected
+    assert 0 < encode.characters <= 40 + max(map(len, SENTENCES)) and len(encode.pieces) < len({
+        piece for text in SENTENCES for piece in text.split(" ")})
+
+
 def test_token_ids_pieces_on_real_text_and_not_for_other_tokenizers(tmp_path):
     """On WikiText (../shared) with MiniLM's tokenizer, TokenIds' ids equal the tokenizer call's and far fewer
     pieces are tokenized than the text holds; a T5 Unigram tokenizer (not BERT's normalizer) takes whole texts."""
@@ -513,3 +528,45 @@ def test_bf16_on_a_cpu_without_bf16_units_trains_through_fp32(tmp_path, text_cor
     assert "linear layers and the attention compute their bf16 products in fp32" in caplog.text
     _, loading = AutoModelForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(loading.values())  # an ordinary checkpoint: no missing, unexpected or mismatched weights
+
+
+def test_sparse_mlm_head_gives_the_dense_heads_loss_gradients_and_predictions():
+    """The head computed only at labelled positions: the same loss and gradients as BERT's own head over every
+    position (also normalised by a whole step's token count), the argmax at the labelled positions in
+    evaluation, and no predictions in a training step, which the Trainer does not read."""
+    import copy
+
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    import train_utils
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    dense = BertForMaskedLM(config)
+    sparse = copy.deepcopy(dense)
+    assert train_utils.enable_sparse_mlm_head(sparse)
+    input_ids = torch.randint(5, 120, (3, 16))
+    labels = torch.where(torch.rand(3, 16) < 0.2, input_ids, torch.full_like(input_ids, -100))
+    labels[0, 0] = 7  # at least one label
+    for model in (dense, sparse):
+        model.train()
+    dense_loss = dense(input_ids=input_ids, labels=labels).loss
+    output = sparse(input_ids=input_ids, labels=labels)
+    assert output.logits is None
+    torch.testing.assert_close(output.loss, dense_loss)
+    dense_loss.backward()
+    output.loss.backward()
+    for (name, a), (_, b) in zip(dense.named_parameters(), sparse.named_parameters()):
+        if a.grad is not None or b.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, msg=name)
+    count = int((labels != -100).sum())
+    summed = sparse(input_ids=input_ids, labels=labels, num_items_in_batch=count * 2).loss
+    torch.testing.assert_close(summed, dense_loss.detach() / 2)
+    sparse.eval()
+    dense.eval()
+    with torch.no_grad():
+        predictions = sparse(input_ids=input_ids, labels=labels).logits
+        wanted = torch.where(labels != -100, dense(input_ids=input_ids).logits.argmax(-1), -100)
+    assert torch.equal(predictions, wanted)
