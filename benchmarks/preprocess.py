@@ -46,9 +46,14 @@ from mlm_throughput import bench_tokenizer, corpus_files  # noqa: E402
 BLOCK_SIZE = 128
 
 
+def source_text(sources):
+    """The source files' text, each once, in order."""
+    return "".join(open(source, encoding="utf-8").read() for source in sources)
+
+
 def make_corpus(path, size_mb, sources):
     """Write the source files' text repeatedly into `path` until it holds at least `size_mb` MB."""
-    text = "".join(open(source, encoding="utf-8").read() for source in sources)
+    text = source_text(sources)
     target = int(size_mb * 1e6)
     written = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -227,7 +232,7 @@ def breakdown(tokenizer, corpus, size_mb, sources, scratch, top=12):
     if encode.pieces is not None:
         steps["share of pieces tokenized"] = len(encode.pieces) / max(1, sum(len(t.split(" ")) for t in texts))
     # The corpus repeats its sources, which flatters remembered pieces: time the sources once, as first seen.
-    distinct = data_utils.non_blank("".join(open(s, encoding="utf-8").read() for s in sources).splitlines())
+    distinct = data_utils.non_blank(source_text(sources).splitlines())
     steps["distinct text: MB"] = sum(map(len, distinct)) / 1e6
     timed("distinct text: Rust tokenizer without offsets (encode_batch_fast)", lambda: [
         tokenizer.backend_tokenizer.encode_batch_fast(distinct[i : i + 1000]) for i in range(0, len(distinct), 1000)])
