@@ -16,6 +16,7 @@ Other code can call `run(quick=False, peaks=None)`, `profile_step(...)` and `exp
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,6 +163,18 @@ def step_throughput(log_history, warmup_steps):
     }
 
 
+def beside_rate(dtype, quick=False):
+    """The matmul rate (FLOP/s, train_utils.measure_peak_flops: 0.5 s at n=2048, a smoke-test size in quick mode)
+    at this moment, measured next to each run for the MFU "beside" it: a shared machine's busy stretches slow the
+    run and this product alike, while the run's peak is its quietest moment."""
+    import torch
+    import train_utils
+
+    size, seconds = (256, 0.02) if quick else (2048, 0.5)
+    return train_utils.measure_peak_flops(torch.float32 if dtype == "fp32" else torch.bfloat16, size=size,
+                                          seconds=seconds)
+
+
 def settings(quick):
     """(batch, fp32 steps, bf16 steps, warm-up steps, eval samples, rounds). On a CPU without bf16 matrix units the
     scripts compute bf16 products in fp32 (train_utils.bf16_linears_through_fp32), so bf16 runs as long as fp32.
@@ -206,7 +219,9 @@ def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16"), in_proc
                 argv = mlm_argv(out, tokenizer, train_file, valid_file, batch=batch, steps=steps, sparse=sparse,
                                 bf16=dtype == "bf16", eval_samples=eval_samples)
                 load_before = os.getloadavg()[0]
+                rate_before = beside_rate(dtype, quick)
                 wall = run_in_process(argv, env) if in_process else run_script("run_mlm.py", argv, out + ".log", env)
+                rate_after = beside_rate(dtype, quick)
                 with open(os.path.join(out, "all_results.json"), encoding="utf-8") as f:
                     results = json.load(f)
                 with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as f:
@@ -217,6 +232,9 @@ def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16"), in_proc
                        "peak_memory_mb": results.get("peak_memory_mb"), "train_loss": results.get("train_loss"),
                        "perplexity": results.get("perplexity"), "flops_per_token": flops[sparse]}
                 row.update(step_throughput(history, cfg["warmup"]))
+                if rate_before and rate_after:  # the machine's matmul rate around this run, for MFU beside
+                    row["peak_beside"] = (rate_before + rate_after) / 2
+                    row["mfu_beside"] = row["tokens_per_second"] * flops[sparse] / row["peak_beside"]
                 runs.setdefault((dtype, name), []).append(row)
                 print(f"  mlm round {round_index + 1}/{cfg['rounds']} {dtype} {name}: "
                       f"{row['tokens_per_second']:.0f} tokens/s, {row['peak_memory_mb']:.0f} MB (load {load_before:.1f})",
@@ -227,10 +245,15 @@ def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16"), in_proc
         row.update(perplexity=tries[0]["perplexity"], peak_memory_mb=max(r["peak_memory_mb"] for r in tries),
                    rounds=len(tries), all_tokens_per_second=[r["tokens_per_second"] for r in tries])
         row["mfu"] = row["tokens_per_second"] * row["flops_per_token"] / peaks[dtype]
+        if all("mfu_beside" in r for r in tries):
+            row["all_mfu_beside"] = [r["mfu_beside"] for r in tries]
+            row["mfu_beside"] = statistics.median(row["all_mfu_beside"])
+            row["all_peak_beside_gflops"] = [round(r["peak_beside"] / 1e9, 1) for r in tries]
+        row.pop("peak_beside", None)  # one round's; the list above has every round's
         row["achieved_gflops"] = row["tokens_per_second"] * row["flops_per_token"] / 1e9
         rows.append(row)
         print(f"  mlm {dtype} {name}: {row['tokens_per_second']:.0f} tokens/s (median of {len(tries)}), "
-              f"MFU {row['mfu']:.1%}", flush=True)
+              f"MFU {row['mfu']:.1%}" + (f", beside {row['mfu_beside']:.1%}" if "mfu_beside" in row else ""), flush=True)
     result = {"settings": dict(cfg, seq_len=SEQ_LEN, model=os.path.relpath(MODEL_CONFIG, REPO_ROOT), in_process=in_process,
                                tokenizer=tokenizer_note, corpus=corpus_note, vocab_size=VOCAB_SIZE),
               "peaks": peaks, "rows": rows, "speedup": {}, "parity": None}

@@ -82,10 +82,14 @@ def make_step(config_name, batch, input_length, dtype, device, seed=0):
 
 def time_training(config_name, batch, input_length, steps, dtypes, device, seed=0, mfu=True, peaks=None):
     """Median ms of a training step (collator excluded) and of collating one batch, per dtype. The dtypes take
-    turns step by step, so a busy moment of a shared machine hits each of them alike. MFU divides by `peaks`
-    ({"fp32": FLOP/s, "bf16": ...}), by default the best matmul rate seen here (train_utils.cached_peak_flops)."""
+    turns step by step, so a busy moment of a shared machine hits each of them alike.
+
+    MFU twice: against `peaks` ({"fp32": FLOP/s, "bf16": ...}; by default the best matmul rate seen here,
+    train_utils.cached_peak_flops), and against the matmul rate measured right after each timed step (0.5 s,
+    the same product as the peak), the median over steps. On a shared machine the first compares a step with
+    the quietest moment of the whole run; the second with the moment the step ran in."""
     setups = {dtype: make_step(config_name, batch, input_length, dtype, device, seed) for dtype in dtypes}
-    times = {dtype: ([], []) for dtype in dtypes}
+    times = {dtype: ([], [], []) for dtype in dtypes}  # collate s, step s, FLOP/s of a matmul right after
     warmup = 2 if device == "cuda" else 1  # allocator, kernel selection (and cuBLAS autotuning)
     for i in range(steps + warmup):
         for dtype, (step, _, _) in setups.items():
@@ -93,6 +97,8 @@ def time_training(config_name, batch, input_length, steps, dtypes, device, seed=
             if i >= warmup:
                 times[dtype][0].append(collate_seconds)
                 times[dtype][1].append(step_seconds)
+                if mfu:
+                    times[dtype][2].append(train_utils.measure_peak_flops(dtype, seconds=0.5, device=device))
     rows = []
     for dtype, (_, flops, target_length) in setups.items():
         peak = (peaks or {}).get("fp32" if dtype == torch.float32 else "bf16")
@@ -100,16 +106,21 @@ def time_training(config_name, batch, input_length, steps, dtypes, device, seed=
             peak = train_utils.cached_peak_flops(dtype, device)
         elif not mfu:
             peak = None
-        step_ms, collate_ms = statistics.median(times[dtype][1]) * 1000, statistics.median(times[dtype][0]) * 1000
+        collates, step_times, beside = times[dtype]
+        step_ms, collate_ms = statistics.median(step_times) * 1000, statistics.median(collates) * 1000
         tokens = batch * input_length
         rows.append({
             "dtype": str(dtype).replace("torch.", ""),
             "steps": steps,
             "step_ms": step_ms,
-            "all_step_ms": [round(s * 1000, 1) for s in times[dtype][1]],
+            "all_step_ms": [round(s * 1000, 1) for s in step_times],
             "tokens_per_second": tokens / step_ms * 1000,
             "all_tokens_per_second": batch * (input_length + target_length) / step_ms * 1000,
             "mfu": tokens / step_ms * 1000 * flops / peak if peak else None,
+            "peak_flops": peak,
+            "peak_beside_gflops": [round(rate / 1e9, 1) for rate in beside],
+            "mfu_beside": statistics.median(tokens * flops / (s * rate) for s, rate in zip(step_times, beside))
+            if beside else None,
             "collator_ms": collate_ms,
             "collator_share": collate_ms / (step_ms + collate_ms),
             "target_length": target_length,
@@ -141,11 +152,13 @@ def run(quick=False, config="t5-small", batch=None, input_length=512, steps=None
 def print_table(result):
     print(f"{result['config']} on {result['device']}: batch {result['batch']}, n={result['input_length']} "
           f"(targets {result['rows'][0]['target_length']}), median step")
-    print(f"{'dtype':<9}{'steps':>6}{'step ms':>10}{'enc tok/s':>12}{'all tok/s':>12}{'MFU':>8}{'collate ms':>12}{'share':>8}")
+    print(f"{'dtype':<9}{'steps':>6}{'step ms':>10}{'enc tok/s':>12}{'all tok/s':>12}{'MFU':>8}{'beside':>8}"
+          f"{'collate ms':>12}{'share':>8}")
     for row in result["rows"]:
-        mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
+        mfu, beside = ("n/a" if row[key] is None else f"{row[key]:.1%}" for key in ("mfu", "mfu_beside"))
         print(f"{row['dtype']:<9}{row['steps']:>6}{row['step_ms']:>10.1f}{row['tokens_per_second']:>12.0f}{row['all_tokens_per_second']:>12.0f}"
-              f"{mfu:>8}{row['collator_ms']:>12.2f}{row['collator_share']:>8.2%}")
+              f"{mfu:>8}{beside:>8}{row['collator_ms']:>12.2f}{row['collator_share']:>8.2%}")
+    print("MFU: against the run's peak; beside: against a matmul timed right after each step (median over steps)")
     ref = result["collator_vs_per_row"]
     print(f"collator, batch 32, n=512: vectorized {ref['vectorized_ms']:.2f} ms, per-row {ref['per_row_ms']:.2f} ms, "
           f"speed-up {ref['speedup']:.1f}x (benchmarks/t5_collator.py)")
