@@ -973,8 +973,8 @@ def train(trainer, resume_from_checkpoint=None):
     if device_kind(trainer.args) == "cpu":
         modules, attention = use_cpu_dropout(trainer.accelerator.unwrap_model(trainer.model))
         if modules or attention:
-            logger.info("CPU training: %d dropout layers%s draw their masks from 15-bit random numbers (4x faster "
-                        "than torch's Bernoulli draws here)", modules, " and the attention" if attention else "")
+            logger.info("CPU training: %d dropout layers%s draw their masks from 15-bit random numbers (faster "
+                        "than torch's per-element Bernoulli draws)", modules, " and the attention" if attention else "")
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except NonFiniteLoss as err:

@@ -282,7 +282,7 @@ def run(quick=False, peaks=None, work_dir=None, dtypes=("fp32", "bf16"), in_proc
 CATEGORIES = (  # first match wins; names are aten op names
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
                 "aten::_scaled_dot_product_flash_attention_for_cpu")),
-    ("dropout RNG", ("aten::bernoulli_", "aten::bernoulli")),
+    ("dropout RNG", ("aten::bernoulli_", "aten::bernoulli", "aten::random_")),
     ("optimizer", ("aten::_fused_adamw_", "aten::_fused_adam_", "aten::_foreach_")),
     ("dtype casts / copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous")),
 )
@@ -395,7 +395,7 @@ def experiments(quick=False, batch=None, rounds=None):
     bf16_batch = max(1, batch // 4)  # with torch's bf16 GEMM a step of batch 32 takes ~45 s on this CPU
     generator = torch.Generator().manual_seed(0)
 
-    def make(dtype="fp32", attn="sdpa", dropout=True, through_fp32=False, threads=None, size=batch):
+    def make(dtype="fp32", attn="sdpa", dropout=True, through_fp32=False, threads=None, size=batch, torch_dropout=False):
         config = AutoConfig.from_pretrained(MODEL_CONFIG)
         config.vocab_size = VOCAB_SIZE
         config._attn_implementation = attn
@@ -407,6 +407,8 @@ def experiments(quick=False, batch=None, rounds=None):
         model.train()
         if through_fp32:
             train_utils.bf16_through_fp32(model)
+        if not torch_dropout:
+            train_utils.use_cpu_dropout(model)  # as train_utils.train does on a CPU
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the Trainer's default
         ids = torch.randint(5, VOCAB_SIZE, (size, SEQ_LEN), generator=generator)
         labels = torch.where(torch.rand(ids.shape, generator=generator) < 0.15, ids, -100)
@@ -428,17 +430,31 @@ def experiments(quick=False, batch=None, rounds=None):
         return step
 
     threads = torch.get_num_threads()
+    through = train_utils.bf16_goes_through_fp32(torch.bfloat16)  # what the scripts do for bf16 on this CPU
     setups = {
-        f"fp32 baseline (SDPA, {threads} threads, batch {batch})": (make(), batch, "fp32"),
+        f"fp32 baseline (the scripts: SDPA, CPU dropout, {threads} threads, batch {batch})": (make(), batch, "fp32"),
+        "fp32 torch's dropout (before train_utils.use_cpu_dropout)": (make(torch_dropout=True), batch, "fp32"),
         "fp32 eager attention": (make(attn="eager"), batch, "fp32"),
         "fp32 1 thread": (make(threads=1), batch, "fp32"),
         f"fp32 batch {2 * batch}": (make(size=2 * batch), 2 * batch, "fp32"),
         "fp32 no dropout (changes the model; lets SDPA use its fused kernel)": (make(dropout=False), batch, "fp32"),
-        f"bf16 through fp32 (the scripts on this CPU), batch {batch}": (make("bf16", through_fp32=True), batch, "bf16"),
-        f"bf16 with torch's bf16 GEMM (batch {bf16_batch})": (make("bf16", size=bf16_batch), bf16_batch, "bf16"),
-        f"bf16 through fp32 (batch {bf16_batch})": (make("bf16", through_fp32=True, size=bf16_batch), bf16_batch, "bf16"),
-        f"fp32 (batch {bf16_batch}, for the bf16 rows)": (make(size=bf16_batch), bf16_batch, "fp32"),
     }
+    if through:
+        setups.update({
+            f"bf16 through fp32 (the scripts on this CPU), batch {batch}": (make("bf16", through_fp32=True), batch, "bf16"),
+            "bf16 torch's dropout (before train_utils.use_cpu_dropout)": (
+                make("bf16", through_fp32=True, torch_dropout=True), batch, "bf16"),
+            f"bf16 with torch's bf16 GEMM (batch {bf16_batch})": (make("bf16", size=bf16_batch), bf16_batch, "bf16"),
+            f"bf16 through fp32 (batch {bf16_batch})": (make("bf16", through_fp32=True, size=bf16_batch), bf16_batch, "bf16"),
+            f"fp32 (batch {bf16_batch}, for the bf16 rows)": (make(size=bf16_batch), bf16_batch, "fp32"),
+        })
+    else:
+        setups.update({
+            f"bf16 with torch's bf16 GEMM (the scripts on this CPU), batch {batch}": (make("bf16"), batch, "bf16"),
+            "bf16 torch's dropout (before train_utils.use_cpu_dropout)": (make("bf16", torch_dropout=True), batch, "bf16"),
+            "bf16 eager attention": (make("bf16", attn="eager"), batch, "bf16"),
+            f"bf16 through fp32 (batch {batch})": (make("bf16", through_fp32=True), batch, "bf16"),
+        })
     times = {name: [] for name in setups}
     for _ in range(rounds):
         for name, (step, _, _) in setups.items():
