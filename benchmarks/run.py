@@ -499,6 +499,62 @@ def _ok(result):
     return isinstance(result, dict) and "error" not in result and "skipped" not in result
 
 
+def _cpu_dropout_ran(exp):
+    rows = ((exp or {}).get("in_process") or {}).get("rows", []) if _ok(exp) else []
+    return any("CPU dropout" in r["setting"] for r in rows)
+
+
+def _dropout_fix_note(exp):
+    """The CPU-dropout fix, from the experiments' rows with torch's dropout against the scripts' steps."""
+    rows = ((exp or {}).get("in_process") or {}).get("rows", []) if _ok(exp) else []
+    parts = []
+    for dtype in ("fp32", "bf16"):
+        scripts = next((r for r in rows if r["dtype"] == dtype and ("baseline" in r["setting"] or "(the scripts" in r["setting"])), None)
+        torch_dropout = next((r for r in rows if r["dtype"] == dtype and "torch's dropout" in r["setting"]), None)
+        if scripts and torch_dropout:
+            parts.append(f"{dtype} {torch_dropout['step_seconds']:.3f} s per step with torch's dropout, "
+                         f"{scripts['step_seconds']:.3f} s with the scripts' "
+                         f"({torch_dropout['step_seconds'] / scripts['step_seconds']:.2f}x)")
+    if not parts:
+        return None
+    return ("**Dropout on a CPU.** torch's CPU dropout draws a Bernoulli number per element in the input's dtype "
+            "(12 ms for the 2M attention probabilities of one BERT-mini layer at batch 32, timed by hand) and saves "
+            "a scaled noise tensor for backward. When training on a CPU the scripts draw one 32-bit random number per "
+            "two elements and keep 15 bits of each (p rounded to 1/32768), save the mask as bytes, and run "
+            "attention's softmax, dropout and value product themselves, where SDPA has no fused CPU kernel for "
+            "dropout anyway (`train_utils.use_cpu_dropout`; same seed, same masks; not torch's masks). In turns, "
+            "same process, batch 32: " + "; ".join(parts) + ".")
+
+
+def _bf16_native_note(profile, peak, ours, mlm, exp):
+    """bf16 on a CPU whose bf16 matmuls run on bf16 units (AVX512-BF16 or AMX): where the step's time goes."""
+    rates = peak.get("peak_flops", {})
+    shares = profile["shares"]
+    text = (f"This CPU multiplies bf16 on its own units (AVX512-BF16; oneDNN): {rates.get('bf16', 0) / 1e9:.0f} GFLOP/s "
+            f"against {rates.get('fp32', 0) / 1e9:.0f} in fp32 (section 1), so the scripts use torch's bf16 kernels "
+            "as they are. MFU divides by that bf16 rate, so a bf16 step has to run "
+            f"{rates.get('bf16', 1) / max(rates.get('fp32', 1), 1):.1f}x faster than fp32 for the same MFU, and only "
+            "the matrix multiplies get faster: elementwise work (GELU, LayerNorm, softmax, residual adds) runs at "
+            "memory speed, and autocast adds casts of every weight and of activations between fp32 and bf16. In the "
+            f"profiled bf16 step (batch {profile['batch']}) matmuls take {shares.get('matmul', 0):.0%} of the op "
+            f"time, elementwise and other ops {shares.get('elementwise and other', 0):.0%}, dtype casts and copies "
+            f"{shares.get('dtype casts / copies', 0):.0%}, drawing dropout masks {shares.get('dropout RNG', 0):.0%}, "
+            f"the optimizer {shares.get('optimizer', 0):.0%}. The issue's figures for HF's run_mlm.py here (~63% MFU in "
+            "fp32, ~21% in bf16) fit this picture: the same work outside the matmuls, torch's per-element dropout "
+            "draws among it, is a small share of an fp32 step and a large one of a bf16 step.")
+    rows = ((exp or {}).get("in_process") or {}).get("rows", []) if _ok(exp) else []
+    base = next((r for r in rows if r["dtype"] == "bf16" and "(the scripts" in r["setting"]), None)
+    others = [r for r in rows if r["dtype"] == "bf16" and r is not base]
+    if base and others:
+        text += (" Other bf16 settings against the scripts' step (in turns, same process): " + "; ".join(
+            f"{r['setting']}: {base['step_seconds'] / r['step_seconds']:.2f}x the speed" for r in others) + ".")
+    if "fp32" in ours and "bf16" in ours and not mlm["settings"].get("in_process"):
+        text += (f" Peak memory: {ours['bf16']['peak_memory_mb']:,.0f} MB in bf16 against "
+                 f"{ours['fp32']['peak_memory_mb']:,.0f} MB in fp32; bf16 ran "
+                 f"{ours['bf16']['tokens_per_second'] / ours['fp32']['tokens_per_second']:.2f}x the fp32 tokens/s.")
+    return text
+
+
 def write_findings(results):
     """What the profiles and experiments say, as sentences built from this run's figures."""
     notes = []
@@ -520,7 +576,12 @@ def write_findings(results):
             f"and other ops (GELU, LayerNorm, softmax, residual adds, their backward), {shares.get('dropout RNG', 0):.0%} "
             f"drawing dropout masks, {shares.get('dtype casts / copies', 0):.0%} copies, {shares.get('optimizer', 0):.0%} "
             "the fused AdamW update. Training with dropout also keeps SDPA off its fused CPU kernel (flash attention "
-            "on CPU takes no dropout), so attention runs as separate matmul, softmax and dropout ops." + implied)
+            "on CPU takes no dropout), so attention runs as separate matmul, softmax and dropout ops"
+            + (" (the scripts' own, with train_utils.use_cpu_dropout's masks)." if _cpu_dropout_ran(exp) else ".")
+            + implied)
+        dropout_note = _dropout_fix_note(exp)
+        if dropout_note:
+            notes.append(dropout_note)
     if _ok(exp):
         inproc = {r["setting"]: r for r in (exp.get("in_process") or {}).get("rows", [])}
         base = next((r for k, r in inproc.items() if k.startswith("fp32 baseline")), None)
@@ -580,45 +641,49 @@ def write_findings(results):
         bf16_rate = (peak or {}).get("peak_flops", {}).get("bf16") if _ok(peak) else None
         torch_rate = (peak or {}).get("torch_bf16_gemm_gflops") if _ok(peak) else None
         text = f"**bf16 ({_pct(ours['bf16']['mfu']) if 'bf16' in ours else 'n/a'} MFU).** "
-        if torch_rate and fp32_rate:
-            text += (f"This CPU has no AVX512-BF16 or AMX, so torch's bf16 GEMM is ATen's portable kernel: "
-                     f"{torch_rate:.1f} GFLOP/s at best against {fp32_rate / 1e9:.1f} in fp32, and below 1 GFLOP/s for "
-                     "`a @ b` with both operands row-major (section 1's NN rows), the layout autograd runs for a "
-                     "Linear's input gradient `grad @ W`. ")
-        inproc = (exp.get("in_process") or {}).get("rows", []) if _ok(exp) else []
-        torch_gemm = next((r for r in inproc if r["setting"].startswith("bf16 with torch's bf16 GEMM")), None)
-        route_small = next((r for r in inproc if r["setting"].startswith("bf16 through fp32 (batch")), None)
-        route = next((r for r in inproc if r["setting"].startswith("bf16 through fp32 (the scripts")), None)
-        f32_small = next((r for r in inproc if r["setting"].startswith("fp32 (batch")), None)
-        f32 = next((r for r in inproc if r["setting"].startswith("fp32 baseline")), None)
-        if torch_gemm and f32_small:
-            text += (f"With it a bf16 step (batch {torch_gemm['batch']}) took {torch_gemm['step_seconds']:.2f} s, "
-                     f"{torch_gemm['step_seconds'] / f32_small['step_seconds']:.0f}x the fp32 step: the reason bf16 "
-                     "MFU was so low here. ")
-        text += ("The scripts therefore compute bf16 linear layers through fp32 on such a CPU "
-                 "(`train_utils.bf16_through_fp32`: bf16 operands and results, fp32 products and accumulation, "
-                 "the rounding a bf16 GEMM with fp32 accumulation gives; weights and saved format untouched)")
-        if torch_gemm and route_small:
-            text += f": {torch_gemm['step_seconds'] / route_small['step_seconds']:.1f}x faster at batch {route_small['batch']}"
-        if route and f32:
-            text += (f", and at batch {route['batch']} {route['step_seconds']:.2f} s per step against "
-                     f"{f32['step_seconds']:.2f} s in fp32")
-        text += (". SDPA attention goes the same way (q, k, v and the mask in fp32, the output rounded to bf16): "
-                 "timed by hand on this machine, not in this run, the backward of torch's fused CPU attention took "
-                 "5x its fp32 time in bf16 (40 ms against 8 for a T5 cross-attention, 114 queries over 512 keys), "
-                 "about 10% of a T5-small bf16 step.")
-        if bf16_rate:
-            text += (f" bf16 MFU divides by that route's rate ({bf16_rate / 1e9:.1f} GFLOP/s, section 1), the fastest "
-                     "bf16 multiply this machine has.")
-        text += (f" In the profiled bf16 step (batch {p['batch']}) matmuls take {p['shares'].get('matmul', 0):.0%} of "
-                 f"the op time and dtype casts and copies {p['shares'].get('dtype casts / copies', 0):.0%}: autocast "
-                 "and the route convert every weight and activation between fp32 and bf16, work fp32 training does "
-                 "not have, so bf16 stays below fp32 on this CPU.")
-        if "fp32" in ours and "bf16" in ours and not mlm["settings"].get("in_process"):
-            text += (f" Peak memory: {ours['bf16']['peak_memory_mb']:,.0f} MB in bf16 against "
-                     f"{ours['fp32']['peak_memory_mb']:,.0f} MB in fp32. bf16 pays off with bf16 matrix units "
-                     "(AVX512-BF16, AMX, or a GPU); on this CPU train in fp32.")
-        notes.append(text)
+        if (peak or {}).get("mkldnn_bf16") and _ok(peak):
+            notes.append(text + _bf16_native_note(p, peak, ours, mlm, exp))
+            text = None
+        if text is not None:
+            if torch_rate and fp32_rate:
+                text += (f"This CPU has no AVX512-BF16 or AMX, so torch's bf16 GEMM is ATen's portable kernel: "
+                         f"{torch_rate:.1f} GFLOP/s at best against {fp32_rate / 1e9:.1f} in fp32, and below 1 GFLOP/s for "
+                         "`a @ b` with both operands row-major (section 1's NN rows), the layout autograd runs for a "
+                         "Linear's input gradient `grad @ W`. ")
+            inproc = (exp.get("in_process") or {}).get("rows", []) if _ok(exp) else []
+            torch_gemm = next((r for r in inproc if r["setting"].startswith("bf16 with torch's bf16 GEMM")), None)
+            route_small = next((r for r in inproc if r["setting"].startswith("bf16 through fp32 (batch")), None)
+            route = next((r for r in inproc if r["setting"].startswith("bf16 through fp32 (the scripts")), None)
+            f32_small = next((r for r in inproc if r["setting"].startswith("fp32 (batch")), None)
+            f32 = next((r for r in inproc if r["setting"].startswith("fp32 baseline")), None)
+            if torch_gemm and f32_small:
+                text += (f"With it a bf16 step (batch {torch_gemm['batch']}) took {torch_gemm['step_seconds']:.2f} s, "
+                         f"{torch_gemm['step_seconds'] / f32_small['step_seconds']:.0f}x the fp32 step: the reason bf16 "
+                         "MFU was so low here. ")
+            text += ("The scripts therefore compute bf16 linear layers through fp32 on such a CPU "
+                     "(`train_utils.bf16_through_fp32`: bf16 operands and results, fp32 products and accumulation, "
+                     "the rounding a bf16 GEMM with fp32 accumulation gives; weights and saved format untouched)")
+            if torch_gemm and route_small:
+                text += f": {torch_gemm['step_seconds'] / route_small['step_seconds']:.1f}x faster at batch {route_small['batch']}"
+            if route and f32:
+                text += (f", and at batch {route['batch']} {route['step_seconds']:.2f} s per step against "
+                         f"{f32['step_seconds']:.2f} s in fp32")
+            text += (". SDPA attention goes the same way (q, k, v and the mask in fp32, the output rounded to bf16): "
+                     "timed by hand on this machine, not in this run, the backward of torch's fused CPU attention took "
+                     "5x its fp32 time in bf16 (40 ms against 8 for a T5 cross-attention, 114 queries over 512 keys), "
+                     "about 10% of a T5-small bf16 step.")
+            if bf16_rate:
+                text += (f" bf16 MFU divides by that route's rate ({bf16_rate / 1e9:.1f} GFLOP/s, section 1), the fastest "
+                         "bf16 multiply this machine has.")
+            text += (f" In the profiled bf16 step (batch {p['batch']}) matmuls take {p['shares'].get('matmul', 0):.0%} of "
+                     f"the op time and dtype casts and copies {p['shares'].get('dtype casts / copies', 0):.0%}: autocast "
+                     "and the route convert every weight and activation between fp32 and bf16, work fp32 training does "
+                     "not have, so bf16 stays below fp32 on this CPU.")
+            if "fp32" in ours and "bf16" in ours and not mlm["settings"].get("in_process"):
+                text += (f" Peak memory: {ours['bf16']['peak_memory_mb']:,.0f} MB in bf16 against "
+                         f"{ours['fp32']['peak_memory_mb']:,.0f} MB in fp32. bf16 pays off with bf16 matrix units "
+                         "(AVX512-BF16, AMX, or a GPU); on this CPU train in fp32.")
+            notes.append(text)
     pre = results.get("preprocess")
     if _ok(pre) and pre.get("breakdown"):
         steps = pre["breakdown"]["cpu_seconds"]

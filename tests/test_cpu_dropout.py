@@ -115,3 +115,11 @@ def test_cpu_dropout_changes_only_plain_dropout_and_sdpa_models():
     modules, attention = train_utils.use_cpu_dropout(model)
     assert modules == sum(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules()) > 0
     assert not attention and model.config._attn_implementation == "eager"
+
+
+def test_cpu_dropout_leaves_the_saved_model_as_it_was(tmp_path):
+    model = _model("bert-tiny")
+    assert train_utils.use_cpu_dropout(model) == (sum(type(m) is torch.nn.Dropout for m in model.modules()), True)
+    model.save_pretrained(tmp_path)
+    assert "cpu_dropout" not in (tmp_path / "config.json").read_text()
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
