@@ -709,14 +709,24 @@ def bf16_linears_through_fp32(model):
     return changed
 
 
-def _register_sdpa_variant(name, function):
-    """Register an attention function that takes SDPA's inputs under `name`, with SDPA's mask function: without
-    the latter, transformers builds no attention mask for an unknown name, and padding would be attended to."""
+def _switch_to_sdpa_variant(model, name, function):
+    """Make a model that uses transformers' SDPA attention run `function` (which takes SDPA's inputs) instead,
+    registered under `name` with transformers' AttentionInterface together with SDPA's mask function: without the
+    latter, transformers builds no attention mask for an unknown name, and padding would be attended to. Other
+    attention implementations are left alone, and the saved config does not change. Returns True if it changed
+    the model."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
     AttentionInterface.register(name, function)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, KeyError, AttributeError):  # a model that takes no custom attention function
+        return False
+    return model.config._attn_implementation == name
 
 
 SDPA_THROUGH_FP32 = "sdpa_bf16_through_fp32"  # the name it is registered under with transformers' AttentionInterface
@@ -743,16 +753,8 @@ def _sdpa_bf16_through_fp32(module, query, key, value, attention_mask, **kwargs)
 
 def bf16_attention_through_fp32(model):
     """Make a model that uses transformers' SDPA attention compute its bf16 attention in fp32 on a CPU (see
-    _sdpa_bf16_through_fp32), through transformers' AttentionInterface. Other attention implementations are
-    left alone, and the saved config does not change. Returns True if it changed the model."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return False
-    _register_sdpa_variant(SDPA_THROUGH_FP32, _sdpa_bf16_through_fp32)
-    try:
-        model.set_attn_implementation(SDPA_THROUGH_FP32)
-    except (ValueError, KeyError, AttributeError):  # a model that takes no custom attention function
-        return False
-    return model.config._attn_implementation == SDPA_THROUGH_FP32
+    _sdpa_bf16_through_fp32). Returns True if it changed the model (see _switch_to_sdpa_variant)."""
+    return _switch_to_sdpa_variant(model, SDPA_THROUGH_FP32, _sdpa_bf16_through_fp32)
 
 
 def bf16_through_fp32(model):
@@ -856,15 +858,7 @@ def use_cpu_dropout(model):
         if type(module) is torch.nn.Dropout and module.p > 0:  # subclasses may do more
             module.forward = _dropout_forward.__get__(module)
             changed += 1
-    attention = False
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        _register_sdpa_variant(CPU_DROPOUT_ATTENTION, _sdpa_cpu_dropout)
-        try:
-            model.set_attn_implementation(CPU_DROPOUT_ATTENTION)
-            attention = model.config._attn_implementation == CPU_DROPOUT_ATTENTION
-        except (ValueError, KeyError, AttributeError):  # a model that takes no custom attention function
-            pass
-    return changed, attention
+    return changed, _switch_to_sdpa_variant(model, CPU_DROPOUT_ATTENTION, _sdpa_cpu_dropout)
 
 
 def compute_dtype(training_args):
@@ -969,10 +963,10 @@ def train(trainer, resume_from_checkpoint=None):
     if hasattr(trainer.data_collator, "batch_seeds"):
         trainer.add_callback(BatchSeedCallback(trainer.data_collator.batch_seeds))
     _guard_loss(trainer)
-    if device_kind(trainer.args) == "cpu" and keep_freed_memory_for_reuse():
-        logger.info("CPU training: malloc keeps freed memory for reuse (a MALLOC_* or GLIBC_TUNABLES variable in "
-                    "the environment leaves glibc's settings alone)")
     if device_kind(trainer.args) == "cpu":
+        if keep_freed_memory_for_reuse():
+            logger.info("CPU training: malloc keeps freed memory for reuse (a MALLOC_* or GLIBC_TUNABLES variable "
+                        "in the environment leaves glibc's settings alone)")
         modules, attention = use_cpu_dropout(trainer.accelerator.unwrap_model(trainer.model))
         if modules or attention:
             logger.info("CPU training: %d dropout layers%s draw their masks from 15-bit random numbers (faster "

@@ -499,14 +499,19 @@ def _ok(result):
     return isinstance(result, dict) and "error" not in result and "skipped" not in result
 
 
+def _experiment_rows(exp):
+    """The in-process experiments' rows (one per setting), or [] when that section did not run."""
+    return ((exp or {}).get("in_process") or {}).get("rows", []) if _ok(exp) else []
+
+
 def _cpu_dropout_ran(exp):
-    rows = ((exp or {}).get("in_process") or {}).get("rows", []) if _ok(exp) else []
+    rows = _experiment_rows(exp)
     return any("CPU dropout" in r["setting"] for r in rows)
 
 
 def _dropout_fix_note(exp):
     """The CPU-dropout fix, from the experiments' rows with torch's dropout against the scripts' steps."""
-    rows = ((exp or {}).get("in_process") or {}).get("rows", []) if _ok(exp) else []
+    rows = _experiment_rows(exp)
     parts = []
     for dtype in ("fp32", "bf16"):
         scripts = next((r for r in rows if r["dtype"] == dtype and ("baseline" in r["setting"] or "(the scripts" in r["setting"])), None)
@@ -542,7 +547,7 @@ def _bf16_native_note(profile, peak, ours, mlm, exp):
             f"the optimizer {shares.get('optimizer', 0):.0%}. The issue's figures for HF's run_mlm.py here (~63% MFU in "
             "fp32, ~21% in bf16) fit this picture: the same work outside the matmuls, torch's per-element dropout "
             "draws among it, is a small share of an fp32 step and a large one of a bf16 step.")
-    rows = ((exp or {}).get("in_process") or {}).get("rows", []) if _ok(exp) else []
+    rows = _experiment_rows(exp)
     base = next((r for r in rows if r["dtype"] == "bf16" and "(the scripts" in r["setting"]), None)
     others = [r for r in rows if r["dtype"] == "bf16" and r is not base]
     if base and others:
@@ -583,7 +588,7 @@ def write_findings(results):
         if dropout_note:
             notes.append(dropout_note)
     if _ok(exp):
-        inproc = {r["setting"]: r for r in (exp.get("in_process") or {}).get("rows", [])}
+        inproc = {r["setting"]: r for r in _experiment_rows(exp)}
         base = next((r for k, r in inproc.items() if k.startswith("fp32 baseline")), None)
         if base:
             changes = []
@@ -650,7 +655,7 @@ def write_findings(results):
                          f"{torch_rate:.1f} GFLOP/s at best against {fp32_rate / 1e9:.1f} in fp32, and below 1 GFLOP/s for "
                          "`a @ b` with both operands row-major (section 1's NN rows), the layout autograd runs for a "
                          "Linear's input gradient `grad @ W`. ")
-            inproc = (exp.get("in_process") or {}).get("rows", []) if _ok(exp) else []
+            inproc = _experiment_rows(exp)
             torch_gemm = next((r for r in inproc if r["setting"].startswith("bf16 with torch's bf16 GEMM")), None)
             route_small = next((r for r in inproc if r["setting"].startswith("bf16 through fp32 (batch")), None)
             route = next((r for r in inproc if r["setting"].startswith("bf16 through fp32 (the scripts")), None)
