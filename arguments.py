@@ -7,6 +7,9 @@ and sweep YAMLs carry over. `TrainingArguments` comes from transformers as it is
     python run_mlm.py --learning_rate 3e-4 --weight_decay=0.01      # both forms; `wandb agent` emits --k=v
     python run_mlm.py config.yaml                                    # a .json / .yaml / .yml file
     python run_mlm.py config.yaml --learning_rate 1e-4               # file plus CLI overrides (CLI wins)
+
+`flags_given` says which flags the user set (command line and config file): every "unless the user chose
+otherwise" default in the scripts reads it.
 """
 
 import dataclasses
@@ -42,133 +45,87 @@ def run_cli(main):
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: Optional[str] = field(
-        default=None,
-        metadata={"help": "Pretrained model to start from: a Hub id or a local folder. Leave unset to train from scratch."},
-    )
-    model_type: Optional[str] = field(
-        default=None,
-        metadata={"help": "Model type for a from-scratch run (e.g. bert, roberta, t5), when no --config_name is given."},
-    )
-    config_name: Optional[str] = field(
-        default=None,
-        metadata={"help": "Config to build the model from (Hub id, folder or .json file), if not the model's own."},
-    )
-    config_overrides: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Comma-separated key=value pairs that change a from-scratch config, e.g. "
-            "'num_hidden_layers=4,hidden_size=256'. Not allowed with --model_name_or_path."
-        },
-    )
-    tokenizer_name: Optional[str] = field(
-        default=None, metadata={"help": "Tokenizer to use (Hub id or folder), if not the model's own."}
-    )
-    cache_dir: Optional[str] = field(
-        default=None, metadata={"help": "Where to keep models, datasets and tokenized data downloaded or built here."}
-    )
-    use_fast_tokenizer: bool = field(
-        default=True, metadata={"help": "Use a fast (Rust `tokenizers`) tokenizer when the model has one."}
-    )
-    model_revision: str = field(
-        default="main", metadata={"help": "Model version to use: a branch name, tag or commit id."}
-    )
-    token: Optional[str] = field(
-        default=None,
-        metadata={"help": "Hugging Face Hub token for private models/datasets (default: the one from `hf auth login`)."},
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Allow models/datasets whose code lives on the Hub to run here. Only for repos you trust."},
-    )
-    dtype: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "dtype to load the model weights in; 'auto' takes the checkpoint's dtype.",
-            "choices": ["auto", "bfloat16", "float16", "float32"],
-        },
-    )
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Pretrained model to start from: a Hub id or a local folder. Leave unset to train from scratch."})
+    model_type: Optional[str] = field(default=None, metadata={
+        "help": "Model type for a from-scratch run (e.g. bert, roberta, t5), when no --config_name is given."})
+    config_name: Optional[str] = field(default=None, metadata={
+        "help": "Config to build the model from (Hub id, folder or .json file), if not the model's own."})
+    config_overrides: Optional[str] = field(default=None, metadata={
+        "help": "Comma-separated key=value pairs that change a from-scratch config, e.g. "
+                "'num_hidden_layers=4,hidden_size=256'. Not allowed with --model_name_or_path."})
+    tokenizer_name: Optional[str] = field(default=None, metadata={
+        "help": "Tokenizer to use (Hub id or folder), if not the model's own."})
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "Where to keep models, datasets and tokenized data downloaded or built here."})
+    use_fast_tokenizer: bool = field(default=True, metadata={
+        "help": "Use a fast (Rust `tokenizers`) tokenizer when the model has one."})
+    model_revision: str = field(default="main", metadata={
+        "help": "Model version to use: a branch name, tag or commit id."})
+    token: Optional[str] = field(default=None, metadata={
+        "help": "Hugging Face Hub token for private models/datasets (default: the one from `hf auth login`)."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow models/datasets whose code lives on the Hub to run here. Only for repos you trust."})
+    dtype: Optional[str] = field(default=None, metadata={
+        "help": "dtype to load the model weights in; 'auto' takes the checkpoint's dtype.",
+        "choices": ["auto", "bfloat16", "float16", "float32"]})
+    peak_tflops: Optional[float] = field(default=None, metadata={
+        "help": "The device's peak TFLOP/s for train/mfu. Default: the published dense peak of known GPUs for the "
+                "run's dtype; on a CPU a matrix multiply measured once per machine."})
 
     def __post_init__(self):
         if self.config_overrides and (self.model_name_or_path or self.config_name):
-            raise UserError(
-                "--config_overrides only applies to a model trained from scratch; drop it, or drop "
-                "--model_name_or_path/--config_name and use --model_type"
-            )
-        if self.config_overrides:
-            for item in self.config_overrides.split(","):
-                if "=" not in item:
-                    raise UserError(
-                        f"--config_overrides item {item!r} is not key=value; write e.g. 'num_hidden_layers=4,hidden_size=256'"
-                    )
+            raise UserError("--config_overrides only applies to a model trained from scratch; drop it, or drop "
+                            "--model_name_or_path/--config_name and use --model_type")
+        for item in self.config_overrides.split(",") if self.config_overrides else []:
+            if "=" not in item:
+                raise UserError(f"--config_overrides item {item!r} is not key=value; write e.g. "
+                                "'num_hidden_layers=4,hidden_size=256'")
 
 
 @dataclass
 class DataArguments:
-    dataset_name: Optional[str] = field(
-        default=None, metadata={"help": "Dataset to use from the Hub (e.g. Salesforce/wikitext)."}
-    )
-    dataset_config_name: Optional[str] = field(
-        default=None, metadata={"help": "Configuration of that dataset (e.g. wikitext-2-raw-v1)."}
-    )
-    train_file: Optional[str] = field(
-        default=None, metadata={"help": "Local training data: .txt, .csv, .tsv, .json, .jsonl or .parquet."}
-    )
-    validation_file: Optional[str] = field(
-        default=None, metadata={"help": "Local evaluation data, same formats as --train_file."}
-    )
-    validation_split_percentage: int = field(
-        default=5,
-        metadata={"help": "Percent of the training data held out for evaluation when there is no validation split."},
-    )
-    max_seq_length: Optional[int] = field(
-        default=None,
-        metadata={"help": "Tokens per training example; longer text is cut. Default: the model's limit, at most 1024."},
-    )
-    preprocessing_num_workers: Optional[int] = field(
-        default=None, metadata={"help": "Processes for tokenization (default: one)."}
-    )
-    overwrite_cache: bool = field(
-        default=False, metadata={"help": "Tokenize again even if a cached copy of the tokenized data exists."}
-    )
-    max_train_samples: Optional[int] = field(
-        default=None, metadata={"help": "Use at most this many training examples (for quick runs and debugging)."}
-    )
-    max_eval_samples: Optional[int] = field(
-        default=None, metadata={"help": "Use at most this many evaluation examples."}
-    )
-    streaming: bool = field(
-        default=False,
-        metadata={"help": "Stream the dataset instead of downloading it whole; needs --max_steps."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Start from scratch even if output_dir holds checkpoints. By default a rerun resumes from the "
-            "newest complete checkpoint there. Nothing is deleted either way."
-        },
-    )
+    dataset_name: Optional[str] = field(default=None, metadata={
+        "help": "Dataset to use from the Hub (e.g. Salesforce/wikitext)."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={
+        "help": "Configuration of that dataset (e.g. wikitext-2-raw-v1)."})
+    train_file: Optional[str] = field(default=None, metadata={
+        "help": "Local training data: .txt, .csv, .tsv, .json, .jsonl or .parquet."})
+    validation_file: Optional[str] = field(default=None, metadata={
+        "help": "Local evaluation data, same formats as --train_file."})
+    validation_split_percentage: int = field(default=5, metadata={
+        "help": "Percent of the training data held out for evaluation when there is no validation split."})
+    max_seq_length: Optional[int] = field(default=None, metadata={
+        "help": "Tokens per training example; longer text is cut. Default: the model's limit, at most 1024."})
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={
+        "help": "Processes for tokenization (default: one)."})
+    overwrite_cache: bool = field(default=False, metadata={
+        "help": "Tokenize again even if a cached copy of the tokenized data exists."})
+    max_train_samples: Optional[int] = field(default=None, metadata={
+        "help": "Use at most this many training examples (for quick runs and debugging)."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={
+        "help": "Use at most this many evaluation examples."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Stream the dataset instead of downloading it whole; needs --max_steps."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start from scratch even if output_dir holds checkpoints. By default a rerun resumes from the "
+                "newest complete checkpoint there. Nothing is deleted either way."})
 
     def __post_init__(self):
         if self.dataset_name and (self.train_file or self.validation_file):
             raise UserError("give either --dataset_name or --train_file/--validation_file, not both")
         for name in ("train_file", "validation_file"):
             path = getattr(self, name)
-            if path is None:
-                continue
-            extension = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
-            if extension not in DATA_FILE_EXTENSIONS:
-                raise UserError(
-                    f"--{name} {path!r} has an unknown extension {extension!r}; use one of "
-                    + ", ".join("." + e for e in DATA_FILE_EXTENSIONS)
-                )
+            extension = path.rsplit(".", 1)[-1].lower() if path and "." in os.path.basename(path) else ""
+            if path is not None and extension not in DATA_FILE_EXTENSIONS:
+                raise UserError(f"--{name} {path!r} has an unknown extension {extension!r}; use one of "
+                                + ", ".join("." + e for e in DATA_FILE_EXTENSIONS))
         if not 0 <= self.validation_split_percentage < 100:
             raise UserError("--validation_split_percentage must be between 0 and 99")
         if self.max_seq_length is not None and self.max_seq_length < 8:
             raise UserError("--max_seq_length must be at least 8")
         for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a positive integer")
 
 
@@ -226,7 +183,7 @@ def _check_unknown(argv, known):
                 raise UserError(f"unknown flag --{name}{hint}")
 
 
-def _file_to_argv(path, known):
+def _file_to_argv(path):
     """Turn a .json/.yaml config file into CLI items, so that later CLI items override it."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} does not exist")
@@ -248,30 +205,25 @@ def _file_to_argv(path, known):
     return argv
 
 
-def _wants_bf16_on_cpu_only_machine(argv):
+def _without_accelerator():
     import torch
 
-    if torch.cuda.is_available() or any(a.split("=")[0] in ("--use_cpu", "--no_cuda") for a in argv):
-        return False
-    for i, item in enumerate(argv):
-        name, _, value = item.partition("=")
-        if name == "--bf16":
-            if not value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value = argv[i + 1]
-            return value.lower() not in ("false", "0", "no")
-    return False
-
-
-def _launched_multi_process_without_gpu(argv):
-    """torchrun / accelerate launch with several processes on a machine with no GPU. Unless told use_cpu,
-    accelerate sets up no process group there, so every rank silently trains alone and all of them write
-    the same files; with use_cpu the ranks form one gloo group."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.split("=")[0] in ("--use_cpu", "--no_cuda") for a in argv):
-        return False
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 also knows XPU, NPU, ...
     return not (accelerator.is_available() if accelerator else torch.cuda.is_available())
+
+
+def _expand(argv):
+    """argv with a leading .json/.yaml config file turned into flags (later flags override it)."""
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_FILE_EXTENSIONS):
+        return _file_to_argv(argv[0]) + argv[1:]
+    return argv
+
+
+def flags_given(argv):
+    """Names of the flags the user set, on the command line or in a leading config file, legacy names
+    translated (--evaluation_strategy counts as eval_strategy). The one place the scripts ask this."""
+    names = {item[2:].partition("=")[0] for item in _expand(list(argv)) if item.startswith("--")}
+    return {LEGACY_FLAGS.get(name, name) for name in names}
 
 
 def parse_args(dataclass_types, argv=None):
@@ -280,19 +232,19 @@ def parse_args(dataclass_types, argv=None):
     parser = _Parser(dataclass_types)
     known = _flag_names(parser)
     known_with_legacy = known + [k for k in list(LEGACY_FLAGS) if LEGACY_FLAGS[k] in known]
-    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_FILE_EXTENSIONS):
-        argv = _file_to_argv(argv[0], known_with_legacy) + argv[1:]
+    argv = _expand(argv)
     _check_unknown(argv, known_with_legacy)
     argv = _translate_legacy(argv, known)
-    if "use_cpu" in known and (_wants_bf16_on_cpu_only_machine(argv) or _launched_multi_process_without_gpu(argv)):
-        argv.append("--use_cpu=True")  # TrainingArguments refuses bf16 without a GPU unless told to use the CPU
+    if "use_cpu" in known and _without_accelerator():
+        # TrainingArguments refuses --bf16 without a GPU unless told to use the CPU, and without it processes
+        # started by torchrun / accelerate launch form no (gloo) group: each would train alone, writing one folder.
+        argv.append("--use_cpu=True")
     try:
-        outputs = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except UserError:
         raise
     except ValueError as err:  # TrainingArguments.__post_init__ checks, e.g. strategies that do not fit
         raise UserError(str(err).strip().splitlines()[0]) from err
-    return outputs
 
 
 def to_config_dict(*dataclass_objects):

@@ -20,31 +20,28 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-# Set before torch loads its OpenMP runtime (libgomp): a thread that finishes its share of a parallel region
-# spins for 10,000 iterations (libgomp's default: 300,000) before it sleeps. Long spinning starves the threads
-# that still have work whenever other jobs share the cores (parallel sweep trials, a second run): beside one,
-# training steps ran 2-3x faster with the short spin, and no slower alone (benchmarks/RESULTS.md). Set
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose otherwise.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
 import evaluate
-import pyarrow as pa
 import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
 import transformers
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
     AutoModelForMaskedLM,
-    AutoTokenizer,
+    DataCollatorForLanguageModeling,
     Trainer,
     TrainingArguments,
     set_seed,
 )
+from transformers.modeling_outputs import MaskedLMOutput
 
 import data_utils
+import packing
+import throughput
 import train_utils
-from arguments import DataArguments, ModelArguments, UserError, parse_args, run_cli
+from arguments import DataArguments, ModelArguments, UserError, flags_given, parse_args, run_cli, to_config_dict
 
 if int(transformers.__version__.split(".")[0]) < 5:
     sys.exit("run_mlm.py needs transformers 5.x: pip install -r requirements.txt")
@@ -109,59 +106,116 @@ def load_config(model_args):
     return config
 
 
-def load_tokenizer(model_args, data_args, mlm_args, training_args, raw_datasets, text_column, model_max_length):
-    name = model_args.tokenizer_name or model_args.model_name_or_path
-    if name:
-        return AutoTokenizer.from_pretrained(
-            name, cache_dir=model_args.cache_dir, use_fast=model_args.use_fast_tokenizer,
-            revision=model_args.model_revision, token=model_args.token, trust_remote_code=model_args.trust_remote_code,
-        )
-    # From scratch and no tokenizer named: train one on the training text, once. A resumed run takes the
-    # copy saved with its checkpoints; a new run on the same data (a sweep's next trial) takes the cached one.
-    train = raw_datasets["train"]
-    key = f"{getattr(train, '_fingerprint', 'stream')}-wordpiece{mlm_args.tokenizer_vocab_size}-{model_max_length}"
-    cached = os.path.join(data_utils.cache_root(model_args.cache_dir), "tokenizers", key)
-    for folder in (training_args.output_dir, cached):
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            train_utils.logger.info("Loaded the tokenizer trained earlier from %s", folder)
-            return AutoTokenizer.from_pretrained(folder)
-    texts = data_utils.batched_texts(train.take(200_000) if data_args.streaming else train, text_column)
-    tokenizer = data_utils.train_wordpiece_tokenizer(texts, mlm_args.tokenizer_vocab_size, model_max_length,
-                                                     output_dir=cached)
-    train_utils.logger.info("Trained a WordPiece tokenizer (%d ids) on the training text; saved to %s", len(tokenizer),
-                            cached)
+def train_wordpiece_tokenizer(text_iterator, vocab_size, model_max_length, output_dir=None, lowercase=True):
+    """Train a BERT-style WordPiece tokenizer (with [CLS]/[SEP]/[MASK]) on the training text, for from-scratch
+    runs that name no tokenizer, so nothing has to be downloaded. ADAPT: the tokenizer (e.g. cased, BPE)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(text_iterator, trainer)
+    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=model_max_length,
+    )
+    if output_dir:
+        tokenizer.save_pretrained(output_dir)
     return tokenizer
+
+
+class FastMLMCollator(DataCollatorForLanguageModeling):
+    """transformers' MLM collator, with special tokens found by one vectorized `isin` per batch (no stored
+    special_tokens_mask column) and masks drawn from a per-batch seed (data_utils.BatchSeeds), so a resumed run
+    masks as the uninterrupted run did. ADAPT: the masking (override torch_mask_tokens)."""
+
+    def __init__(self, *args, seed=42, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_seeds = data_utils.BatchSeeds(seed)
+
+    def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+        if special_tokens_mask is None:
+            special_tokens_mask = torch.isin(inputs, torch.tensor(self.tokenizer.all_special_ids, dtype=inputs.dtype))
+        seed = int(np.random.SeedSequence(self.batch_seeds.next()).generate_state(1)[0])
+        self.generator = torch.Generator().manual_seed(seed)
+        return super().torch_mask_tokens(inputs, special_tokens_mask=special_tokens_mask, offset_mapping=offset_mapping)
+
+
+def enable_sparse_mlm_head(model):
+    """Replace this model's forward with one that runs the MLM head only at masked positions (as crammed BERT and
+    MosaicBERT do): with a 30k vocabulary the output layer costs more than the encoder, yet ~15% of positions
+    carry a label. Weights and saved format are untouched. In evaluation `logits` are the argmax ids at labelled
+    positions (-100 elsewhere), so metrics never hold full-vocabulary logits; training returns the loss alone;
+    without labels, ordinary logits. Returns False (changing nothing) when the head is not one module beside
+    the encoder. ADAPT: the loss."""
+
+    base = getattr(model, model.base_model_prefix, None)
+    heads = [module for name, module in model.named_children() if name != model.base_model_prefix]
+    if base is None or len(heads) != 1:
+        return False
+    head = heads[0]
+
+    def forward(input_ids=None, attention_mask=None, token_type_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        encoder_kwargs = {"attention_mask": attention_mask, **kwargs}
+        if token_type_ids is not None:
+            encoder_kwargs["token_type_ids"] = token_type_ids
+        hidden = base(input_ids=input_ids, **encoder_kwargs)[0]
+        if labels is None:
+            return MaskedLMOutput(logits=head(hidden))
+        selected = labels != -100
+        logits = head(hidden[selected]).float()  # (masked tokens, vocab); float32 for a stable softmax
+        targets = labels[selected]
+        if num_items_in_batch is not None:  # gradient accumulation: normalise by the tokens of the whole step
+            loss = F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch
+        else:
+            loss = F.cross_entropy(logits, targets)
+        if model.training:  # the Trainer reads only the loss of a training step; an argmax is ~1.5% of a CPU step
+            return MaskedLMOutput(loss=loss)
+        predictions = torch.full_like(labels, -100)
+        predictions[selected] = logits.argmax(-1)
+        return MaskedLMOutput(loss=loss, logits=predictions)
+
+    model.forward = forward
+    return True
 
 
 def main(argv=None):
     # 1. Arguments
-    argv = list(sys.argv[1:] if argv is None else argv)
-    demo = not argv
+    argv = list(sys.argv[1:] if argv is None else argv) or DEMO_ARGS
     model_args, data_args, mlm_args, training_args = parse_args(
-        (ModelArguments, DataArguments, MLMArguments, TrainingArguments), DEMO_ARGS if demo else argv
-    )
-    train_utils.finalize_training_args(training_args, [] if demo else argv, "run_mlm")
+        (ModelArguments, DataArguments, MLMArguments, TrainingArguments), argv)
+    train_utils.finalize_training_args(training_args, flags_given(argv), "run_mlm")
     if data_args.streaming and training_args.max_steps <= 0:
         raise UserError("--streaming needs --max_steps (a stream has no length to count epochs by)")
 
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
-    config_dict = train_utils.run_config(model_args, data_args, mlm_args, training_args)
+    config_dict = to_config_dict(model_args, data_args, mlm_args, training_args)
     resume_from = train_utils.prepare_output_dir(training_args, data_args, "run_mlm", config_dict)
     set_seed(training_args.seed)
 
     # 3. Datasets
-    raw_datasets = data_utils.load_raw_datasets(model_args, data_args, seed=training_args.seed)
+    raw_datasets = data_utils.load_raw_datasets(model_args, data_args)
     column_names = data_utils.column_names(raw_datasets)
     text_column = data_utils.pick_text_column(column_names, mlm_args.text_column_name)
 
     # 4. Model and tokenizer
     config = load_config(model_args)
     limit = getattr(config, "max_position_embeddings", 1024)
-    # Several processes: the first trains and saves the tokenizer, the others then load that copy, so every
-    # rank has the same vocabulary and no two write one folder at once.
+    vocab_size = mlm_args.tokenizer_vocab_size
+    # Several processes: the first trains and saves the tokenizer, the others then load that copy.
     with training_args.main_process_first(local=False, desc="tokenizer"):
-        tokenizer = load_tokenizer(model_args, data_args, mlm_args, training_args, raw_datasets, text_column, limit)
+        tokenizer = data_utils.load_or_train_tokenizer(
+            model_args, data_args, training_args.output_dir, raw_datasets["train"], text_column,
+            f"wordpiece{vocab_size}-{limit}", lambda texts, save_to: train_wordpiece_tokenizer(texts, vocab_size, limit, save_to))
     if tokenizer.mask_token is None:
         raise UserError("the tokenizer has no mask token, so it cannot do masked-LM; pick a BERT/RoBERTa-style tokenizer")
     max_seq_length = data_args.max_seq_length or min(tokenizer.model_max_length, limit, 1024)
@@ -179,15 +233,15 @@ def main(argv=None):
         train_utils.logger.info("Training from scratch: %.1fM parameters", model.num_parameters() / 1e6)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    sparse_head = mlm_args.sparse_mlm_head and train_utils.enable_sparse_mlm_head(model)
+    sparse_head = mlm_args.sparse_mlm_head and enable_sparse_mlm_head(model)
 
     # 5. Preprocessing. ADAPT: how text becomes training examples.
-    packing = not mlm_args.line_by_line
-    encode = data_utils.TokenIds(tokenizer)
+    packed = not mlm_args.line_by_line
+    encode = packing.TokenIds(tokenizer)
 
     def tokenize(batch):  # batch: a pyarrow Table (the data is formatted as "arrow" below)
-        texts = data_utils.non_blank(batch[text_column])  # blank lines carry nothing
-        if packing and not (mlm_args.pad_to_max_length or mlm_args.whole_word_mask):
+        texts = packing.non_blank(batch[text_column])  # blank lines carry nothing
+        if packed and not (mlm_args.pad_to_max_length or mlm_args.whole_word_mask):
             encoded = encode(texts)  # = tokenizer(texts)'s input_ids, computed faster (no offsets)
         else:
             encoded = tokenizer(
@@ -195,14 +249,14 @@ def main(argv=None):
                 padding="max_length" if mlm_args.pad_to_max_length else False, return_attention_mask=False,
                 return_token_type_ids=False, return_offsets_mapping=mlm_args.whole_word_mask,
             )
-        if not packing:
+        if not packed:
             return pa.table(dict(encoded))
-        # Packing, in the same pass: the texts' tokens joined and cut into blocks of exactly max_seq_length
-        # (no padding at all; each text keeps its [CLS] ... [SEP]).
-        return data_utils.pack_token_ids(encoded, max_seq_length)
+        # The texts' tokens joined and cut into blocks of exactly max_seq_length: no padding at all; each text
+        # keeps its [CLS] ... [SEP].
+        return packing.pack_token_ids(encoded, max_seq_length)
 
     map_args = dict(batched=True, batch_size=10_000, remove_columns=column_names,
-                    desc=f"Tokenizing and packing into blocks of {max_seq_length}" if packing else "Tokenizing")
+                    desc=f"Tokenizing and packing into blocks of {max_seq_length}" if packed else "Tokenizing")
     if not data_args.streaming:
         map_args["num_proc"] = data_args.preprocessing_num_workers
     key = (data_utils.tokenizer_fingerprint(tokenizer), max_seq_length, mlm_args.line_by_line,
@@ -210,17 +264,13 @@ def main(argv=None):
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = data_utils.cached_map(raw_datasets.with_format("arrow"), tokenize, key, model_args.cache_dir,
                                           data_args.overwrite_cache, **map_args).with_format(None)
-    train_dataset = tokenized["train"] if training_args.do_train else None
-    eval_dataset = tokenized["validation"] if training_args.do_eval else None
-    if train_dataset is not None and data_args.max_train_samples:
-        train_dataset = train_dataset.take(data_args.max_train_samples) if data_args.streaming else \
-            train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
-    if eval_dataset is not None and data_args.max_eval_samples:
-        eval_dataset = eval_dataset.take(data_args.max_eval_samples) if data_args.streaming else \
-            eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+    train_dataset = data_utils.take_at_most(tokenized["train"] if training_args.do_train else None,
+                                            data_args.max_train_samples)
+    eval_dataset = data_utils.take_at_most(tokenized["validation"] if training_args.do_eval else None,
+                                           data_args.max_eval_samples)
 
-    # 6. Collator and metrics. ADAPT: masking scheme and what is measured.
-    collator = data_utils.FastMLMCollator(
+    # 6. Collator and metrics. ADAPT: masking scheme (FastMLMCollator) and what is measured.
+    collator = FastMLMCollator(
         tokenizer, mlm_probability=mlm_args.mlm_probability, whole_word_mask=mlm_args.whole_word_mask,
         # BERT's 80% [MASK] / 10% random / 10% kept; whole-word masking in transformers is [MASK] only
         mask_replace_prob=1.0 if mlm_args.whole_word_mask else 0.8, random_replace_prob=0.0 if mlm_args.whole_word_mask else 0.1,
@@ -245,10 +295,9 @@ def main(argv=None):
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=argmax_logits if training_args.do_eval else None,
     )
-    head_share = mlm_args.mlm_probability if sparse_head else 1.0
-    flops = train_utils.transformer_flops_per_token(model, max_seq_length, head_fraction=head_share)
-    peak = train_utils.cached_peak_flops(train_utils.compute_dtype(training_args), train_utils.device_kind(training_args))
-    train_utils.add_callbacks(trainer, config_dict, flops_per_token=flops, peak_flops=peak)
+    flops = throughput.transformer_flops_per_token(
+        model, max_seq_length, head_fraction=mlm_args.mlm_probability if sparse_head else 1.0)
+    train_utils.prepare_trainer(trainer, config_dict, flops, throughput.peak_flops(training_args, model_args.peak_tflops))
 
     # 8. Train
     metrics = {}
@@ -264,7 +313,7 @@ def main(argv=None):
     # 9. Evaluate and save
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
-        eval_metrics["perplexity"] = train_utils.perplexity(eval_metrics["eval_loss"])
+        eval_metrics["perplexity"] = math.exp(eval_metrics["eval_loss"]) if eval_metrics["eval_loss"] < 700 else float("inf")
         train_utils.log_and_save(trainer, "eval", eval_metrics)
         metrics.update(eval_metrics)
     if training_args.should_log:
