@@ -25,14 +25,8 @@ import difflib
 import math
 import os
 import sys
-from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Optional
-
-# Before torch loads libgomp: idle OpenMP threads spin briefly, then sleep, so jobs sharing the cores do not
-# starve each other (see run_mlm.py; set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose otherwise).
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import evaluate
 import numpy as np
@@ -51,32 +45,16 @@ from transformers import (
 )
 
 import data_utils
+import glue_data
+import throughput
 import train_utils
-from arguments import DataArguments, ModelArguments, UserError, run_cli
+from arguments import DataArguments, ModelArguments, UserError, flags_given, run_cli, to_config_dict
+from glue_data import GLUE_TASKS, MAIN_METRIC
 
 if int(transformers.__version__.split(".")[0]) < 5:
     sys.exit("fine_tune_glue.py needs transformers 5.x: pip install -r requirements.txt")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GlueTask = namedtuple("GlueTask", "text_columns labels tsv_columns")
-# Text columns as the Hub names them, in the order an encoder reads them; label names in the Hub's id order
-# (None: regression); names in the original GLUE TSV files of the columns the Hub renamed.
-GLUE_TASKS = {
-    "cola": GlueTask(("sentence",), ("unacceptable", "acceptable"), {}),
-    "sst2": GlueTask(("sentence",), ("negative", "positive"), {}),
-    "mrpc": GlueTask(("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
-                     {"#1 String": "sentence1", "#2 String": "sentence2", "Quality": "label"}),
-    "qqp": GlueTask(("question1", "question2"), ("not_duplicate", "duplicate"), {"is_duplicate": "label"}),
-    "stsb": GlueTask(("sentence1", "sentence2"), None, {"score": "label"}),
-    "mnli": GlueTask(("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-                     {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"}),
-    "qnli": GlueTask(("question", "sentence"), ("entailment", "not_entailment"), {}),
-    "rte": GlueTask(("sentence1", "sentence2"), ("entailment", "not_entailment"), {}),
-    "wnli": GlueTask(("sentence1", "sentence2"), ("not_entailment", "entailment"), {}),
-}
-MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}  # others: accuracy
-
-
 @dataclass
 class GlueArguments:
     task_name: Optional[str] = field(default=None, metadata={
@@ -139,42 +117,6 @@ def is_number(value):
         return False
 
 
-def standardize_columns(raw, glue_args):
-    """Columns renamed to the Hub's names (or the chosen ones); only the text columns and `label` are kept."""
-    task = GLUE_TASKS.get(glue_args.task_name)
-    columns = next(iter(raw.values())).column_names
-    if task:
-        text_columns = task.text_columns
-    elif glue_args.text_column_names:
-        text_columns = tuple(name.strip() for name in glue_args.text_column_names.split(","))
-    else:
-        guesses = [names for names in (("sentence1", "sentence2"), ("sentence",), ("text",)) if set(names) <= set(columns)]
-        if not guesses:
-            raise UserError(f"which columns hold the text? (columns: {', '.join(columns)}); name one or two with "
-                            "--text_column_names, e.g. --text_column_names question,answer")
-        text_columns = guesses[0]
-    label_column = "label" if task else glue_args.label_column_name
-    renames = task.tsv_columns if task else {label_column: "label"}
-    for split, dataset in raw.items():
-        if not task and label_column != "label" and "label" in dataset.column_names:
-            dataset = dataset.remove_columns("label")  # another column is the label
-        dataset = dataset.rename_columns({old: new for old, new in renames.items()
-                                          if old in dataset.column_names and new not in dataset.column_names})
-        present = ", ".join(dataset.column_names)
-        missing = [name for name in text_columns if name not in dataset.column_names]
-        if missing:
-            fix = f"use the Hub's column names ({', '.join(text_columns)})" if task else "fix --text_column_names"
-            raise UserError(f"the {split} data has no column {missing[0]!r} (columns: {present}); {fix}")
-        has_label = "label" in dataset.column_names
-        if has_label and split.startswith("test") and dataset.unique("label") == [-1]:
-            has_label = False  # GLUE's test labels are secret: the Hub stores -1
-        if not has_label and not split.startswith("test"):
-            raise UserError(f"the {split} data has no label column {label_column!r} (columns: {present}); "
-                            "name it with --label_column_name")
-        raw[split] = dataset.select_columns(list(text_columns) + ["label"] * has_label)
-    return raw, text_columns
-
-
 def get_labels(raw, task_name, model_names=None):  # ADAPT: label mapping
     """Label names in class order (None: regression), and a lookup from raw label values (a name, or a class id
     written as text) to the class index. Fails, naming the value, on a label outside that set."""
@@ -211,10 +153,10 @@ def main(argv=None):
     # 1. Arguments
     argv = list(sys.argv[1:] if argv is None else argv)
     arg_types = (ModelArguments, DataArguments, GlueArguments, Seq2SeqTrainingArguments)
-    model_args, data_args, glue_args, training_args = train_utils.parse_args_checking_best_model(arg_types, argv)
-    given = {item.split("=")[0] for item in argv}
-    train_utils.finalize_training_args(training_args, argv, "fine_tune_glue")
-    if "--train_sampling_strategy" not in given:
+    model_args, data_args, glue_args, training_args = glue_data.parse_args_checking_best_model(arg_types, argv)
+    given = flags_given(argv)
+    train_utils.finalize_training_args(training_args, given, "fine_tune_glue")
+    if "train_sampling_strategy" not in given:
         # Similar lengths in a batch: little padding. Also under --pad_to_max_length, which changes the padding
         # and nothing else, so the two settings see the same batches in the same order.
         training_args.train_sampling_strategy = "group_by_length"
@@ -225,7 +167,7 @@ def main(argv=None):
 
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
-    config_dict = train_utils.run_config(model_args, data_args, glue_args, training_args)
+    config_dict = to_config_dict(model_args, data_args, glue_args, training_args)
     resume_from = train_utils.prepare_output_dir(training_args, data_args, "fine_tune_glue", config_dict)
     set_seed(training_args.seed)
 
@@ -233,10 +175,10 @@ def main(argv=None):
     task = glue_args.task_name
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": glue_args.test_file}
-    raw = data_utils.load_glue_splits(wanted, files, task, glue_args.data_dir, data_args.dataset_name,
+    raw = glue_data.load_glue_splits(wanted, files, task, glue_args.data_dir, data_args.dataset_name,
                                       data_args.dataset_config_name, model_args.cache_dir, model_args.token,
                                       data_args.validation_split_percentage, training_args.seed)
-    raw, text_columns = standardize_columns(raw, glue_args)
+    raw, text_columns = glue_data.standardize_columns(raw, glue_args)
     names, lookup = get_labels(raw, task)
 
     # 4. Model and tokenizer
@@ -251,13 +193,13 @@ def main(argv=None):
     if text_to_text and not config.is_encoder_decoder:
         raise UserError(f"--text_to_text needs an encoder-decoder model such as google-t5/t5-small, not a "
                         f"{config.model_type}; drop the flag to train a classification head")
-    if names and not task and not training_args.do_train and train_utils.model_label_names(config):
-        names, lookup = get_labels(raw, task, train_utils.model_label_names(config))  # a fine-tuned model's classes
+    if names and not task and not training_args.do_train and glue_data.model_label_names(config):
+        names, lookup = get_labels(raw, task, glue_data.model_label_names(config))  # a fine-tuned model's classes
     regression, model_ids = names is None, None
     if regression and not text_to_text:
         config.num_labels, config.problem_type = 1, "regression"
     elif not text_to_text:
-        model_ids = train_utils.align_with_model_labels(names, config, must_match=not training_args.do_train)
+        model_ids = glue_data.align_with_model_labels(names, config, must_match=not training_args.do_train)
         config.id2label = {model_ids[i]: name for i, name in enumerate(names)}
         config.label2id = {name: model_ids[i] for i, name in enumerate(names)}
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
@@ -305,20 +247,19 @@ def main(argv=None):
     tokenized = {}
     with training_args.main_process_first(desc="tokenizing"):
         for split, dataset in raw.items():
-            at_most = max_samples[split.removesuffix("_mm")]
-            dataset = dataset.select(range(min(len(dataset), at_most))) if at_most else dataset
+            dataset = data_utils.take_at_most(dataset, max_samples[split.removesuffix("_mm")])
             tokenized[split] = data_utils.cached_map(
                 dataset, tokenize, key, model_args.cache_dir, data_args.overwrite_cache, desc=f"Tokenizing {split}",
                 batched=True, remove_columns=dataset.column_names, num_proc=data_args.preprocessing_num_workers)
 
     # 6. Collator and metrics. ADAPT: what is measured.
     pad_multiple = 8 if training_args.fp16 or training_args.bf16 else None  # tensor cores work in multiples of 8
-    collator = (data_utils.Seq2SeqCollator(tokenizer, model=model, pad_to_multiple_of=pad_multiple) if text_to_text
+    collator = (glue_data.Seq2SeqCollator(tokenizer, model=model, pad_to_multiple_of=pad_multiple) if text_to_text
                 else DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple))
     # Outside GLUE: GLUE's stsb metric gives the correlations, its sst2 metric plain accuracy.
     metric = evaluate.load(os.path.join(HERE, "metrics", "glue"), task or ("stsb" if regression else "sst2"))
     main_metric = MAIN_METRIC.get(task, "pearson" if regression else "accuracy")
-    if training_args.load_best_model_at_end and "--metric_for_best_model" not in given:
+    if training_args.load_best_model_at_end and "metric_for_best_model" not in given:
         training_args.metric_for_best_model, training_args.greater_is_better = main_metric, True
         config_dict.update(metric_for_best_model=main_metric, greater_is_better=True)  # for W&B
     model_to_index = np.argsort(model_ids) if model_ids else None  # the model's class id -> index in `names`
@@ -360,10 +301,9 @@ def main(argv=None):
         model=model, args=training_args, train_dataset=tokenized.get("train"), eval_dataset=tokenized.get("validation"),
         processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
     )
-    flops = train_utils.transformer_flops_per_token(model, max_seq_length, head_fraction=0.0)  # no vocabulary head
-    peak = train_utils.cached_peak_flops(train_utils.compute_dtype(training_args), train_utils.device_kind(training_args))
-    train_utils.add_callbacks(trainer, config_dict, flops_per_token=flops, peak_flops=peak)
-    trainer.add_callback(train_utils.SaveOnEvalCallback())
+    flops = throughput.transformer_flops_per_token(model, max_seq_length, head_fraction=0.0)  # no vocabulary head
+    train_utils.prepare_trainer(trainer, config_dict, flops, throughput.peak_flops(training_args, model_args.peak_tflops))
+    trainer.add_callback(glue_data.SaveOnEvalCallback())
 
     # 8. Train
     metrics = {}

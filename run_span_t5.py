@@ -17,37 +17,25 @@ A rerun with the same --output_dir resumes from the newest complete checkpoint (
 starts fresh). Results go to output_dir/all_results.json; `main(argv)` returns the same dict.
 """
 
-import hashlib
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-# Before torch loads libgomp: idle OpenMP threads spin briefly, then sleep, so jobs sharing the cores do not
-# starve each other (see run_mlm.py; set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose otherwise).
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
 import evaluate
 import torch
 import transformers
-import yaml
-from transformers import (
-    CONFIG_MAPPING,
-    AutoConfig,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForSeq2SeqLM, Trainer, TrainingArguments, set_seed
 from transformers.optimization import Adafactor
 from transformers.trainer_utils import SchedulerType
 
 import data_utils
+import packing
+import throughput
 import train_utils
-from arguments import CONFIG_FILE_EXTENSIONS, DataArguments, ModelArguments, UserError, parse_args, run_cli
+from arguments import DataArguments, ModelArguments, UserError, flags_given, parse_args, run_cli, to_config_dict
+from span_corruption import DataCollatorForT5SpanCorruption, train_t5_unigram_tokenizer
 
 if int(transformers.__version__.split(".")[0]) < 5:
     sys.exit("run_span_t5.py needs transformers 5.x: pip install -r requirements.txt")
@@ -148,15 +136,6 @@ class AdamWScale(torch.optim.Optimizer):
         return loss
 
 
-def flags_given(argv):
-    """Names of the flags the user set, on the command line or in a leading .json/.yaml file."""
-    names = {item[2:].split("=")[0] for item in argv if item.startswith("--")}
-    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_FILE_EXTENSIONS):
-        with open(argv[0], encoding="utf-8") as f:
-            names |= set(yaml.safe_load(f) or {})
-    return names
-
-
 def apply_run_defaults(t5_args, training_args, given):
     """Defaults of this recipe for the flags the user did not set."""
     if t5_args.t5_optimizer in RECIPE_LEARNING_RATES and "learning_rate" not in given:
@@ -207,28 +186,6 @@ def load_config(model_args):
     return config_class(**settings)
 
 
-def load_tokenizer(model_args, data_args, t5_args, training_args, raw_datasets, text_column):
-    name = model_args.tokenizer_name or model_args.model_name_or_path
-    if name:
-        return AutoTokenizer.from_pretrained(
-            name, cache_dir=model_args.cache_dir, use_fast=model_args.use_fast_tokenizer,
-            revision=model_args.model_revision, token=model_args.token, trust_remote_code=model_args.trust_remote_code,
-        )
-    # From scratch and no tokenizer named: train one on the training text, once. A resumed run takes the
-    # copy saved with its checkpoints; a new run on the same data (a sweep's next trial) takes the cached one.
-    train = raw_datasets["train"]
-    # A stream has no fingerprint: key its tokenizer by where the stream comes from.
-    source = getattr(train, "_fingerprint", None) or hashlib.sha256(repr(
-        (data_args.dataset_name, data_args.dataset_config_name, data_args.train_file)).encode()).hexdigest()[:16]
-    key = f"{source}-t5unigram{t5_args.tokenizer_vocab_size}"
-    cached = os.path.join(data_utils.cache_root(model_args.cache_dir), "tokenizers", key)
-    for folder in (training_args.output_dir, cached):
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            return AutoTokenizer.from_pretrained(folder)
-    texts = data_utils.batched_texts(train.take(200_000) if data_args.streaming else train, text_column)
-    return data_utils.train_t5_unigram_tokenizer(texts, t5_args.tokenizer_vocab_size, output_dir=cached)
-
-
 def untie_output_layer(model):
     """Give the model its own output layer, as T5 v1.1 has.
 
@@ -243,13 +200,12 @@ def untie_output_layer(model):
 
 def main(argv=None):
     # 1. Arguments
-    argv = list(sys.argv[1:] if argv is None else argv)
-    demo = not argv
+    argv = list(sys.argv[1:] if argv is None else argv) or DEMO_ARGS
     model_args, data_args, t5_args, training_args = parse_args(
-        (ModelArguments, DataArguments, SpanT5Arguments, TrainingArguments), DEMO_ARGS if demo else argv
-    )
-    train_utils.finalize_training_args(training_args, [] if demo else argv, "run_span_t5")
-    apply_run_defaults(t5_args, training_args, flags_given(DEMO_ARGS if demo else argv))
+        (ModelArguments, DataArguments, SpanT5Arguments, TrainingArguments), argv)
+    given = flags_given(argv)
+    train_utils.finalize_training_args(training_args, given, "run_span_t5")
+    apply_run_defaults(t5_args, training_args, given)
     if data_args.streaming and training_args.max_steps <= 0:
         raise UserError("--streaming needs --max_steps (a stream has no length to count epochs by)")
     if training_args.fp16:
@@ -257,12 +213,12 @@ def main(argv=None):
 
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
-    config_dict = train_utils.run_config(model_args, data_args, t5_args, training_args)
+    config_dict = to_config_dict(model_args, data_args, t5_args, training_args)
     resume_from = train_utils.prepare_output_dir(training_args, data_args, "run_span_t5", config_dict)
     set_seed(training_args.seed)
 
     # 3. Datasets
-    raw_datasets = data_utils.load_raw_datasets(model_args, data_args, seed=training_args.seed)
+    raw_datasets = data_utils.load_raw_datasets(model_args, data_args)
     column_names = data_utils.column_names(raw_datasets)
     text_column = data_utils.pick_text_column(column_names, t5_args.text_column_name)
 
@@ -270,14 +226,16 @@ def main(argv=None):
     config = load_config(model_args)
     if not getattr(config, "is_encoder_decoder", False):
         raise UserError(f"span corruption needs an encoder-decoder model (t5, mt5, umt5), not {config.model_type!r}")
-    # Several processes: the first trains and saves the tokenizer, the others then load that copy, so every
-    # rank has the same vocabulary and no two write one folder at once.
+    vocab_size = t5_args.tokenizer_vocab_size
+    # Several processes: the first trains and saves the tokenizer, the others then load that copy.
     with training_args.main_process_first(local=False, desc="tokenizer"):
-        tokenizer = load_tokenizer(model_args, data_args, t5_args, training_args, raw_datasets, text_column)
+        tokenizer = data_utils.load_or_train_tokenizer(
+            model_args, data_args, training_args.output_dir, raw_datasets["train"], text_column, f"t5unigram{vocab_size}",
+            lambda texts, save_to: train_t5_unigram_tokenizer(texts, vocab_size, output_dir=save_to))
     # T5's relative position buckets set no hard limit; 512 is the length T5 was pre-trained with.
     max_seq_length = data_args.max_seq_length or min(tokenizer.model_max_length, 512)
     try:  # built now, so that a tokenizer without sentinels fails before anything is tokenized
-        collator = data_utils.DataCollatorForT5SpanCorruption(  # ADAPT: the noising objective
+        collator = DataCollatorForT5SpanCorruption(  # ADAPT: the noising objective (span_corruption.py)
             tokenizer, t5_args.noise_density, t5_args.mean_noise_span_length, input_length=max_seq_length,
             decoder_start_token_id=getattr(config, "decoder_start_token_id", None), seed=training_args.seed,
         )
@@ -308,15 +266,15 @@ def main(argv=None):
     raw_length, target_length = collator.raw_length, collator.target_length
 
     # 5. Preprocessing. ADAPT: how text becomes training examples.
-    encode = data_utils.TokenIds(tokenizer)
+    encode = packing.TokenIds(tokenizer)
 
     def tokenize_and_pack(batch):  # batch: a pyarrow Table (the data is formatted as "arrow" below)
-        texts = data_utils.non_blank(batch[text_column])  # blank lines carry nothing
+        texts = packing.non_blank(batch[text_column])  # blank lines carry nothing
         # T5 tokenizers end every text with </s>, so packed documents stay apart.
         encoded = encode(texts)  # = tokenizer(texts)'s input_ids, computed faster (no offsets)
         # Rows of exactly raw_length tokens, which span corruption turns into max_seq_length encoder and
         # target_length decoder tokens: fixed shapes, no padding anywhere.
-        return data_utils.pack_token_ids(encoded, raw_length)
+        return packing.pack_token_ids(encoded, raw_length)
 
     if tokenizer("a")["input_ids"][-1] != tokenizer.eos_token_id:
         train_utils.logger.warning("The tokenizer does not end texts with %s: packed documents run into each other",
@@ -330,14 +288,10 @@ def main(argv=None):
         # numpy rows reach the collator as arrays: one np.stack per batch instead of converting Python ints.
         tokenized = data_utils.cached_map(raw_datasets.with_format("arrow"), tokenize_and_pack, key, model_args.cache_dir,
                                           data_args.overwrite_cache, **map_args).with_format("numpy")
-    train_dataset = tokenized["train"] if training_args.do_train else None
-    eval_dataset = tokenized["validation"] if training_args.do_eval else None
-    if train_dataset is not None and data_args.max_train_samples:
-        train_dataset = train_dataset.take(data_args.max_train_samples) if data_args.streaming else \
-            train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
-    if eval_dataset is not None and data_args.max_eval_samples:
-        eval_dataset = eval_dataset.take(data_args.max_eval_samples) if data_args.streaming else \
-            eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+    train_dataset = data_utils.take_at_most(tokenized["train"] if training_args.do_train else None,
+                                            data_args.max_train_samples)
+    eval_dataset = data_utils.take_at_most(tokenized["validation"] if training_args.do_eval else None,
+                                           data_args.max_eval_samples)
 
     # 6. Collator and metrics. ADAPT: what is measured.
     accuracy = evaluate.load(os.path.join(HERE, "metrics", "mlm_accuracy"))
@@ -360,9 +314,8 @@ def main(argv=None):
         optimizer_cls_and_kwargs=load_optimizer(t5_args, training_args),  # ADAPT: the optimizer
     )
     # The Trainer counts encoder input tokens (input_ids), so FLOPs are per input token, decoder work included.
-    flops = train_utils.encoder_decoder_flops_per_token(model, max_seq_length, target_length)
-    peak = train_utils.cached_peak_flops(train_utils.compute_dtype(training_args), train_utils.device_kind(training_args))
-    train_utils.add_callbacks(trainer, config_dict, flops_per_token=flops, peak_flops=peak)
+    flops = throughput.encoder_decoder_flops_per_token(model, max_seq_length, target_length)
+    train_utils.prepare_trainer(trainer, config_dict, flops, throughput.peak_flops(training_args, model_args.peak_tflops))
 
     # 8. Train
     metrics = {}

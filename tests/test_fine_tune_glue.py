@@ -11,8 +11,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel, T5Config, T5ForConditionalGeneration
 
-import data_utils
 import fine_tune_glue
+import run_mlm
+import span_corruption
+from glue_data import COLA_TSV_COLUMNS, read_glue_tsv
 from arguments import UserError
 from conftest import ROOT, shared_path
 
@@ -97,7 +99,7 @@ def corpus():
 def tiny_bert(tmp_path_factory):
     """A 1-layer BERT encoder without a head (like MiniLM's checkpoint) and a WordPiece tokenizer."""
     folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = data_utils.train_wordpiece_tokenizer(corpus(), 300, 64)
+    tokenizer = run_mlm.train_wordpiece_tokenizer(corpus(), 300, 64)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(0)
@@ -109,7 +111,7 @@ def tiny_bert(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_t5")
-    tokenizer = data_utils.train_t5_unigram_tokenizer(corpus(), 300, output_dir=folder, num_sentinels=4)
+    tokenizer = span_corruption.train_t5_unigram_tokenizer(corpus(), 300, output_dir=folder, num_sentinels=4)
     config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
                       num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=tokenizer.pad_token_id,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -167,11 +169,11 @@ def test_label_words_are_the_hub_names():
 # --- GLUE files -----------------------------------------------------------------------------------------
 
 def test_read_glue_tsv_quirks(glue_data):
-    cola = data_utils.read_glue_tsv(str(glue_data / "CoLA" / "train.tsv"), "--train_file", data_utils.COLA_TSV_COLUMNS)
-    assert cola.column_names == list(data_utils.COLA_TSV_COLUMNS) and len(cola) == 24  # first row is data
-    cola_test = data_utils.read_glue_tsv(str(glue_data / "CoLA" / "test.tsv"), "--test_file", data_utils.COLA_TSV_COLUMNS)
+    cola = read_glue_tsv(str(glue_data / "CoLA" / "train.tsv"), "--train_file", COLA_TSV_COLUMNS)
+    assert cola.column_names == list(COLA_TSV_COLUMNS) and len(cola) == 24  # first row is data
+    cola_test = read_glue_tsv(str(glue_data / "CoLA" / "test.tsv"), "--test_file", COLA_TSV_COLUMNS)
     assert cola_test.column_names == ["index", "sentence"]
-    mrpc = data_utils.read_glue_tsv(str(glue_data / "MRPC" / "train.tsv"), "--train_file")
+    mrpc = read_glue_tsv(str(glue_data / "MRPC" / "train.tsv"), "--train_file")
     assert mrpc.column_names[0] == "Quality"  # no BOM glued to the first name
     assert mrpc[0]["#1 String"].count('"') == 1  # a bare quote stays text
 
@@ -234,6 +236,15 @@ def test_pad_to_max_length_changes_the_padding_only(tmp_path, tiny_bert, glue_da
     out = tmp_path / "shuffled"
     run(tiny_bert, out, "--task_name=sst2", f"--data_dir={glue_data / 'SST-2'}", "--pad_to_max_length",
         "--train_sampling_strategy=random")
+    assert json.loads((out / "run_info.json").read_text())["config"]["train_sampling_strategy"] == "random"
+
+
+def test_sampling_strategy_from_a_config_file_is_the_users_choice(tmp_path, tiny_bert, glue_data):
+    """A flag set in a config file counts as given, as on the command line: the group_by_length default stays out."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"task_name: sst2\ndata_dir: {glue_data / 'SST-2'}\ntrain_sampling_strategy: random\n")
+    out = tmp_path / "from_file"
+    fine_tune_glue.main([str(config), f"--model_name_or_path={tiny_bert}", f"--output_dir={out}", *BASE])
     assert json.loads((out / "run_info.json").read_text())["config"]["train_sampling_strategy"] == "random"
 
 
@@ -319,7 +330,7 @@ def test_eval_label_outside_the_model_labels(tmp_path, tiny_bert):
 
 @pytest.mark.parametrize("precision", [[], ["--bf16", "--use_cpu"]], ids=["fp32", "bf16"])
 def test_t5_is_chosen_from_the_config_and_predicts_text(tmp_path, tiny_t5, glue_data, precision):
-    """In bf16 on this CPU the linear layers go through fp32 (train_utils.bf16_linears_through_fp32), generation too."""
+    """fp32, and bf16 with torch's own bf16 kernels (generation too)."""
     out = tmp_path / "t5"
     metrics = run(tiny_t5, out, "--task_name=sst2", f"--data_dir={glue_data / 'SST-2'}", "--do_train", "--do_eval",
                   "--do_predict", "--max_steps=3", *precision)

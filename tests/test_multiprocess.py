@@ -30,6 +30,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+import run_mlm
+import throughput
 import train_utils
 from conftest import ROOT, SENTENCES
 
@@ -60,9 +62,6 @@ CASES = [pytest.param(script, launcher, marks=pytest.mark.slow, id=f"{script}-{l
 
 
 def need_script(name):
-    """fine_tune_glue.py and run_span_t5.py arrive later than run_mlm.py: their cases skip until they exist."""
-    if not os.path.isfile(os.path.join(ROOT, f"{name}.py")):
-        pytest.skip(f"{name}.py not written yet")
     return importlib.import_module(name)
 
 
@@ -72,7 +71,6 @@ def data(tmp_path_factory):
     import torch
     from transformers import BertConfig, BertModel
 
-    import data_utils
 
     folder = tmp_path_factory.mktemp("mp_data")
     lines = [f"{SENTENCES[i % len(SENTENCES)]} number {i % 17}" for i in range(1500)]
@@ -81,7 +79,7 @@ def data(tmp_path_factory):
     for name, rows in (("train", range(128)), ("dev", range(200, 216))):
         text = "".join(f"{lines[i]} {'good' if i % 3 else 'bad'}\t{int(i % 3 > 0)}\n" for i in rows)
         (folder / f"{name}.tsv").write_text("sentence\tlabel\n" + text, encoding="utf-8")
-    tokenizer = data_utils.train_wordpiece_tokenizer([lines + ["good bad"]], 300, 64)
+    tokenizer = run_mlm.train_wordpiece_tokenizer([lines + ["good bad"]], 300, 64)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
@@ -379,19 +377,17 @@ def test_readme_shows_the_multi_gpu_commands():
 
 # --- The multi-process fixes in shared code, checked in-process (fast) ------------------------------------
 
-def test_cpu_only_launch_turns_on_use_cpu(monkeypatch):
-    """Without --use_cpu, accelerate forms no process group on a machine without GPUs: each rank would train
-    alone and all would write the same files."""
-    import torch
+def test_cpu_only_machine_turns_on_use_cpu(monkeypatch):
+    """Without --use_cpu, accelerate forms no process group on a machine without GPUs (each rank would train
+    alone and all would write the same files), and TrainingArguments refuses --bf16."""
+    import arguments
+    from transformers import TrainingArguments
 
-    from arguments import _launched_multi_process_without_gpu as needs_use_cpu
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU machine forms its process group without --use_cpu")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert needs_use_cpu(["--output_dir=x"]) and not needs_use_cpu(["--use_cpu=False"])
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert not needs_use_cpu(["--output_dir=x"])
+    types = (arguments.ModelArguments, TrainingArguments)
+    for accelerator in (False, True):
+        monkeypatch.setattr(arguments, "_without_accelerator", lambda: not accelerator)
+        training_args = arguments.parse_args(types, ["--output_dir=x"])[1]
+        assert training_args.use_cpu is not accelerator
 
 
 def test_plain_mean_losses_are_not_scaled_by_the_process_count(tmp_path):
@@ -403,12 +399,12 @@ def test_plain_mean_losses_are_not_scaled_by_the_process_count(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     classifier = Trainer(model=BertForSequenceClassification(config), args=args)
     assert classifier.model_accepts_loss_kwargs  # what transformers assumes
-    train_utils.add_callbacks(classifier, {})
+    train_utils.prepare_trainer(classifier, {})
     assert not classifier.model_accepts_loss_kwargs
     mlm = BertForMaskedLM(config)
-    assert train_utils.enable_sparse_mlm_head(mlm)  # divides by num_items_in_batch itself
+    assert run_mlm.enable_sparse_mlm_head(mlm)  # divides by num_items_in_batch itself
     sparse = Trainer(model=mlm, args=args)
-    train_utils.add_callbacks(sparse, {})
+    train_utils.prepare_trainer(sparse, {})
     assert sparse.model_accepts_loss_kwargs
 
 
@@ -433,7 +429,7 @@ def test_mfu_counts_every_process_and_zero3_shards():
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    callback = train_utils.ThroughputCallback(flops_per_token=1e6, peak_flops=1e9)
+    callback = throughput.ThroughputCallback(flops_per_token=1e6, peak_flops=1e9)
     logs = {}
     for world_size in (1, 2):
         callback._last = (time.perf_counter() - 1.0, 0)
@@ -444,8 +440,8 @@ def test_mfu_counts_every_process_and_zero3_shards():
 
     model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=32))
-    whole = train_utils.transformer_flops_per_token(model, 32)
+    whole = throughput.transformer_flops_per_token(model, 32)
     for param in model.parameters():  # what deepspeed.zero.Init leaves on each rank
         param.ds_numel = param.numel()
         param.data = torch.empty(0)
-    assert train_utils.transformer_flops_per_token(model, 32) == whole
+    assert throughput.transformer_flops_per_token(model, 32) == whole

@@ -1,6 +1,7 @@
 """Interrupted runs lose nothing: signals checkpoint and stop, a rerun resumes exactly, NaN stops cleanly."""
 
 import json
+import math
 import os
 import signal
 
@@ -9,7 +10,7 @@ from transformers import TrainerCallback
 
 import run_mlm
 import train_utils
-from arguments import UserError
+from arguments import UserError, to_config_dict
 from conftest import TINY_BERT
 
 
@@ -123,7 +124,7 @@ def test_tokens_never_reach_logs_or_saved_files(tmp_path, text_corpus, capsys):
     for path in (tmp_path / "tok").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"token leaked into {path}"
-    config = train_utils.run_config(*[type("A", (), {"to_dict": lambda self: {"token": secret}})()])
+    config = to_config_dict(*[type("A", (), {"to_dict": lambda self: {"token": secret}})()])
     assert config["token"] == "<hidden>"  # what goes to the W&B run config
 
 
@@ -133,33 +134,12 @@ def test_trust_remote_code_is_off_by_default():
     assert ModelArguments().trust_remote_code is False
 
 
-@pytest.mark.parametrize("user_env, expected", [
-    ({}, "10000"),                                      # unset: the scripts' short spin
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, None),              # the user's wait policy wins: no spin count added
-    ({"GOMP_SPINCOUNT": "500"}, "500"),                 # the user's spin count is kept
-])
-def test_scripts_set_a_short_openmp_spin_unless_the_user_chose(user_env, expected):
-    """Each script, imported in a fresh interpreter (as `python script.py` starts), sets GOMP_SPINCOUNT=10000
-    before torch loads libgomp, and leaves OMP_WAIT_POLICY / GOMP_SPINCOUNT that the user set alone."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env.update(user_env)
-    # One interpreter imports the three scripts in turn, restoring the variables in between, so each import
-    # shows what that script alone sets.
-    code = (
-        "import importlib, os, sys\n"
-        "sys.path.insert(0, '.')\n"
-        "before = dict(os.environ)\n"
-        "for script in ('run_mlm', 'run_span_t5', 'fine_tune_glue'):\n"
-        "    importlib.import_module(script)\n"
-        "    print(script, os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))\n"
-        "    os.environ.clear(); os.environ.update(before)\n"
-        "assert 'torch' in sys.modules\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [value for script in ("run_mlm", "run_span_t5", "fine_tune_glue")
-                                  for value in (script, str(expected), user_env.get("OMP_WAIT_POLICY", "None"))]
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_bf16_without_bf16_units_warns_once_naming_fp32_and_runs(tmp_path, text_corpus, monkeypatch, capsys, bf16_units):
+    monkeypatch.setattr(train_utils, "cpu_has_bf16_matmul", lambda: bf16_units)
+    metrics = run_mlm.main(mlm_args(tmp_path, text_corpus, "bf16") + ["--bf16", "--max_steps=2"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "--bf16" in line]
+    assert math.isfinite(metrics["eval_loss"])
+    assert warnings == ([] if bf16_units else [
+        "warning: --bf16 on a CPU without bf16 matrix units (AVX512-BF16 or AMX) runs several times slower than "
+        "fp32; drop --bf16 for speed"])

@@ -12,9 +12,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-import data_utils
+import run_mlm
 import run_span_t5
-import train_utils
+import span_corruption
+import throughput
 from arguments import UserError
 from conftest import ROOT, shared_path
 
@@ -30,7 +31,7 @@ TINY_T5 = [
     "--disable_tqdm=True",
     "--logging_steps=1",
 ]
-RAW_LENGTH, TARGET_LENGTH = data_utils.compute_t5_input_and_target_lengths(32)
+RAW_LENGTH, TARGET_LENGTH = span_corruption.compute_t5_input_and_target_lengths(32)
 
 
 def run(tmp_path, corpus, *extra, name="out"):
@@ -41,14 +42,14 @@ def run(tmp_path, corpus, *extra, name="out"):
 
 def test_tiny_run_results_fixed_shapes_and_auto_reload(tmp_path, text_corpus, monkeypatch):
     shapes = set()
-    collate = data_utils.DataCollatorForT5SpanCorruption.__call__
+    collate = span_corruption.DataCollatorForT5SpanCorruption.__call__
 
     def spy(self, examples):
         batch = collate(self, examples)
         shapes.add(tuple((key, value.shape[1]) for key, value in sorted(batch.items())))
         return batch
 
-    monkeypatch.setattr(data_utils.DataCollatorForT5SpanCorruption, "__call__", spy)
+    monkeypatch.setattr(span_corruption.DataCollatorForT5SpanCorruption, "__call__", spy)
     metrics = run(tmp_path, text_corpus)
     out = tmp_path / "out"
     saved = json.loads((out / "all_results.json").read_text())
@@ -64,7 +65,7 @@ def test_tiny_run_results_fixed_shapes_and_auto_reload(tmp_path, text_corpus, mo
     assert model.config.is_gated_act and not model.config.scale_decoder_outputs  # T5 v1.1
     assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()  # its own output layer, also reloaded
     assert tokenizer.convert_tokens_to_ids("<extra_id_0>") == len(tokenizer) - 1
-    batch = data_utils.DataCollatorForT5SpanCorruption(tokenizer, input_length=32, seed=0)(
+    batch = span_corruption.DataCollatorForT5SpanCorruption(tokenizer, input_length=32, seed=0)(
         [list(range(5, 5 + RAW_LENGTH))] * 2)
     with torch.no_grad():
         assert math.isfinite(model(**batch).loss.item())
@@ -206,7 +207,7 @@ def test_noise_density_outside_0_1_is_refused(tmp_path, density):
 def test_tokenizer_without_sentinels_is_one_clear_error(tmp_path, text_corpus):
     lines = (text_corpus / "train.txt").read_text().splitlines()
     bert = tmp_path / "bert-tokenizer"
-    data_utils.train_wordpiece_tokenizer([lines], 200, 128, output_dir=str(bert))
+    run_mlm.train_wordpiece_tokenizer([lines], 200, 128, output_dir=str(bert))
     with pytest.raises(UserError) as error:
         run(tmp_path, text_corpus, f"--tokenizer_name={bert}")
     message = str(error.value)
@@ -231,11 +232,11 @@ def test_flops_per_token_matches_counted_matmuls():
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                       decoder_start_token_id=0)
     model = T5ForConditionalGeneration(config)
-    n, t = 128, data_utils.compute_t5_input_and_target_lengths(128)[1]
+    n, t = 128, span_corruption.compute_t5_input_and_target_lengths(128)[1]
     batch = {"input_ids": torch.randint(3, 512, (2, n)), "labels": torch.randint(3, 512, (2, t))}
     with FlopCounterMode(display=False) as counter:
         model(**batch).loss.backward()
-    estimate = train_utils.encoder_decoder_flops_per_token(model, n, t) * n * 2
+    estimate = throughput.encoder_decoder_flops_per_token(model, n, t) * n * 2
     assert estimate == pytest.approx(counter.get_total_flops(), rel=0.05)
 
 

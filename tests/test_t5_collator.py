@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from data_utils import (
+from span_corruption import (
     DataCollatorForT5SpanCorruption,
     _random_segment_lengths,
     compute_t5_input_and_target_lengths,
