@@ -1,4 +1,4 @@
-"""Benchmark: batched T5 span corruption (data_utils.DataCollatorForT5SpanCorruption) against the same
+"""Benchmark: batched T5 span corruption (span_corruption.DataCollatorForT5SpanCorruption) against the same
 algorithm written one row at a time.
 
     python benchmarks/t5_collator.py [--batch 32] [--input-length 512] [--repeats 200] [--row-format all]
@@ -17,12 +17,12 @@ import time
 import numpy as np
 import torch
 
-# Importable by file path from anywhere (no package needed): data_utils lives in the repository root.
+# Importable by file path from anywhere (no package needed): span_corruption lives in the repository root.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from data_utils import DataCollatorForT5SpanCorruption  # noqa: E402
+from span_corruption import DataCollatorForT5SpanCorruption  # noqa: E402
 
 ROW_FORMATS = ("numpy", "list")
 

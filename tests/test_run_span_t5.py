@@ -257,14 +257,3 @@ def test_wikitext_loss_falls_well_below_untrained(tmp_path):
     print(f"wikitext span-corruption eval loss: {initial:.3f} at step 0 -> {final:.3f} after 150 steps, "
           f"accuracy {metrics['eval_accuracy']:.3f}")
     assert final < 0.6 * initial
-
-
-@pytest.mark.slow
-def test_train_benchmark_quick():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import t5_train
-
-    result = t5_train.run(quick=True)
-    assert [row["dtype"] for row in result["rows"]] == ["float32", "bfloat16"]
-    assert all(row["tokens_per_second"] > 0 and 0 < row["collator_share"] < 1 for row in result["rows"])
-    assert result["collator_vs_per_row"]["speedup"] > 0
