@@ -4,6 +4,7 @@ corpus; per-batch seeds for the collators' masks. Fast tokenizing and packing ar
 """
 
 import hashlib
+import inspect
 import logging
 import os
 import shutil
@@ -162,13 +163,18 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def cached_map(dataset, function, key_parts, cache_dir=None, overwrite=False, desc="Tokenizing", **map_kwargs):
-    """`dataset.map(function, ...)`, saved under a key of the input's fingerprint and `key_parts`: the next run
-    on the same data, tokenizer and settings (a sweep's next trial) loads it memory-mapped. Streams map lazily."""
+    """`dataset.map(function, ...)`, saved under a key of the input's fingerprint, `key_parts` and the function's
+    source: the next run on the same data, tokenizer, settings and code (a sweep's next trial) loads it
+    memory-mapped; an edited preprocessing function is run again. Streams map lazily."""
     if isinstance(dataset, (IterableDataset, IterableDatasetDict)):
         map_kwargs.pop("num_proc", None)
         return dataset.map(function, **map_kwargs)
     fingerprints = {k: d._fingerprint for k, d in dataset.items()} if isinstance(dataset, DatasetDict) else dataset._fingerprint
-    key = hashlib.sha256(repr((fingerprints, key_parts)).encode()).hexdigest()[:20]
+    try:
+        code = inspect.getsource(function)
+    except (OSError, TypeError):  # no source file (an interactive session): the compiled code
+        code = getattr(getattr(function, "__code__", None), "co_code", b"")
+    key = hashlib.sha256(repr((fingerprints, key_parts, code)).encode()).hexdigest()[:20]
     path = os.path.join(cache_root(cache_dir), "tokenized", key)
     if os.path.isdir(path) and not overwrite:
         try:

@@ -106,9 +106,10 @@ def load_config(model_args):
     return config
 
 
+# ADAPT: the tokenizer trained for a from-scratch run (cased, another vocabulary size, BPE, ...).
 def train_wordpiece_tokenizer(text_iterator, vocab_size, model_max_length, output_dir=None, lowercase=True):
     """Train a BERT-style WordPiece tokenizer (with [CLS]/[SEP]/[MASK]) on the training text, for from-scratch
-    runs that name no tokenizer, so nothing has to be downloaded. ADAPT: the tokenizer (e.g. cased, BPE)."""
+    runs that name no tokenizer, so nothing has to be downloaded."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -132,10 +133,11 @@ def train_wordpiece_tokenizer(text_iterator, vocab_size, model_max_length, outpu
     return tokenizer
 
 
+# ADAPT: the masking. Override torch_mask_tokens here (span masking, another replacement scheme, ...).
 class FastMLMCollator(DataCollatorForLanguageModeling):
     """transformers' MLM collator, with special tokens found by one vectorized `isin` per batch (no stored
     special_tokens_mask column) and masks drawn from a per-batch seed (data_utils.BatchSeeds), so a resumed run
-    masks as the uninterrupted run did. ADAPT: the masking (override torch_mask_tokens)."""
+    masks as the uninterrupted run did."""
 
     def __init__(self, *args, seed=42, **kwargs):
         super().__init__(*args, **kwargs)
@@ -149,13 +151,14 @@ class FastMLMCollator(DataCollatorForLanguageModeling):
         return super().torch_mask_tokens(inputs, special_tokens_mask=special_tokens_mask, offset_mapping=offset_mapping)
 
 
+# ADAPT: the loss, in `forward` below (label smoothing, weighting, another objective on the masked positions).
 def enable_sparse_mlm_head(model):
     """Replace this model's forward with one that runs the MLM head only at masked positions (as crammed BERT and
     MosaicBERT do): with a 30k vocabulary the output layer costs more than the encoder, yet ~15% of positions
     carry a label. Weights and saved format are untouched. In evaluation `logits` are the argmax ids at labelled
     positions (-100 elsewhere), so metrics never hold full-vocabulary logits; training returns the loss alone;
     without labels, ordinary logits. Returns False (changing nothing) when the head is not one module beside
-    the encoder. ADAPT: the loss."""
+    the encoder."""
 
     base = getattr(model, model.base_model_prefix, None)
     heads = [module for name, module in model.named_children() if name != model.base_model_prefix]
@@ -173,7 +176,8 @@ def enable_sparse_mlm_head(model):
         selected = labels != -100
         logits = head(hidden[selected]).float()  # (masked tokens, vocab); float32 for a stable softmax
         targets = labels[selected]
-        if num_items_in_batch is not None:  # gradient accumulation: normalise by the tokens of the whole step
+        # ADAPT: the loss. With gradient accumulation, normalise by the tokens of the whole step.
+        if num_items_in_batch is not None:
             loss = F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch
         else:
             loss = F.cross_entropy(logits, targets)
@@ -235,7 +239,8 @@ def main(argv=None):
         model.resize_token_embeddings(len(tokenizer))
     sparse_head = mlm_args.sparse_mlm_head and enable_sparse_mlm_head(model)
 
-    # 5. Preprocessing. ADAPT: how text becomes training examples.
+    # 5. Preprocessing
+    # ADAPT: the preprocessing, how text becomes training examples (tokenize, then pack or keep lines).
     packed = not mlm_args.line_by_line
     encode = packing.TokenIds(tokenizer)
 
@@ -269,7 +274,8 @@ def main(argv=None):
     eval_dataset = data_utils.take_at_most(tokenized["validation"] if training_args.do_eval else None,
                                            data_args.max_eval_samples)
 
-    # 6. Collator and metrics. ADAPT: masking scheme (FastMLMCollator) and what is measured.
+    # 6. Collator and metrics
+    # ADAPT: the masking settings (FastMLMCollator above) and the metrics (compute_metrics).
     collator = FastMLMCollator(
         tokenizer, mlm_probability=mlm_args.mlm_probability, whole_word_mask=mlm_args.whole_word_mask,
         # BERT's 80% [MASK] / 10% random / 10% kept; whole-word masking in transformers is [MASK] only

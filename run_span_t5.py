@@ -143,8 +143,8 @@ def apply_run_defaults(t5_args, training_args, given):
     if t5_args.t5_optimizer == "adamwscale" and "lr_scheduler_type" not in given:
         training_args.lr_scheduler_type = SchedulerType.COSINE  # nanoT5's schedule for this optimizer
     if torch.cuda.is_available() and "dataloader_num_workers" not in given:
-        # Span corruption takes ~1 ms a 32 x 512 batch (benchmarks/t5_train.py), an estimated 5-10% of a
-        # T5-small step on an H100 if the training process does it; workers collate while the GPU computes.
+        # Span corruption takes about half a millisecond a 32 x 512 batch on a CPU core (benchmarks/t5_collator.py):
+        # workers do it while the GPU computes, instead of the training process between steps.
         training_args.dataloader_num_workers = 2
 
 

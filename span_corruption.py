@@ -226,6 +226,7 @@ class DataCollatorForT5SpanCorruption:
             "decoder_input_ids": torch.from_numpy(decoder_input_ids),
         }
 
+    # ADAPT: the noise (where spans fall, what replaces them, what the decoder predicts).
     def corrupt(self, tokens, rng):
         """Span-corrupt a (batch, raw_length) int64 array; returns numpy (input_ids, labels)."""
         batch_size, length = tokens.shape

@@ -383,9 +383,9 @@ def test_token_ids_pieces_on_real_text_and_not_for_other_tokenizers(tmp_path):
     assert len(encode.pieces) < sum(len(text.split(" ")) for text in texts) / 5
 
 
-def test_overwrite_cache_runs_the_edited_function(tmp_path):
-    """--overwrite_cache (or deleting our cache folder) after editing the preprocessing (the ADAPT section)
-    gives the new result, from a file-backed dataset whose own datasets cache already holds the old one."""
+def test_edited_preprocessing_is_run_again_and_overwrite_cache_reruns_it(tmp_path, caplog):
+    """Editing the preprocessing (the ADAPT section) gives the new result, from a file-backed dataset whose own
+    datasets cache already holds the old one; so do --overwrite_cache and deleting our cache folder."""
     import shutil
 
     import data_utils
@@ -393,12 +393,27 @@ def test_overwrite_cache_runs_the_edited_function(tmp_path):
     (tmp_path / "t.txt").write_text("a b\nc d\n")
     raw = data_utils.load_data_file(str(tmp_path / "t.txt"), "--train_file", cache_dir=str(tmp_path / "hf"))
     cache = str(tmp_path / "ours")
-    old = data_utils.cached_map(raw, lambda b: {"x": [1] * len(b["text"])}, ("k",), cache, batched=True)
-    new = data_utils.cached_map(raw, lambda b: {"x": [2] * len(b["text"])}, ("k",), cache, overwrite=True, batched=True)
-    assert list(old["x"]) == [1, 1] and list(new["x"]) == [2, 2]
-    shutil.rmtree(cache)
-    again = data_utils.cached_map(raw, lambda b: {"x": [3] * len(b["text"])}, ("k",), cache, batched=True)
-    assert list(again["x"]) == [3, 3]
+
+    def ones(batch):
+        return {"x": [1] * len(batch["text"])}
+
+    def fives(batch):  # "edited"
+        return {"x": [5] * len(batch["text"])}
+
+    old = data_utils.cached_map(raw, ones, ("k",), cache, batched=True)
+    caplog.set_level(logging.INFO)
+    same = data_utils.cached_map(raw, ones, ("k",), cache, batched=True)
+    assert "Loaded tokenized data from cache" in caplog.text and list(same["x"]) == [1, 1]  # the same code
+    edited = data_utils.cached_map(raw, fives, ("k",), cache, batched=True)
+    assert list(edited["x"]) == [5, 5]
+    assert list(old["x"]) == [1, 1]
+    for rebuild in ("overwrite", "delete the cache folder"):
+        caplog.clear()
+        if rebuild == "delete the cache folder":
+            shutil.rmtree(cache)
+        again = data_utils.cached_map(raw, ones, ("k",), cache, overwrite=rebuild == "overwrite", batched=True)
+        assert "Saved tokenized data to cache" in caplog.text and "Loaded" not in caplog.text
+        assert list(again["x"]) == [1, 1]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")

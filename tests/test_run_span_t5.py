@@ -4,8 +4,6 @@ import io
 import json
 import logging
 import math
-import os
-import sys
 
 import pytest
 import torch
