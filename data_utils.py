@@ -245,7 +245,7 @@ def load_or_train_tokenizer(model_args, data_args, output_dir, train_split, text
             return AutoTokenizer.from_pretrained(folder)
     texts = batched_texts(train_split.take(200_000) if data_args.streaming else train_split, text_column)
     tokenizer = train(texts, cached)
-    logger.info("Trained a %s tokenizer (%d ids) on the training text; saved to %s", kind, len(tokenizer), cached)
+    logger.info("Trained a tokenizer (%s, %d ids) on the training text; saved to %s", kind, len(tokenizer), cached)
     return tokenizer
 
 
