@@ -73,7 +73,7 @@ def peak_flops(training_args, peak_tflops=None):
         for key, (tensor, tf32, fp32) in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return 1e12 * (tensor if half else tf32 if training_args.tf32 else fp32)
-        logger.info("No published peak for %s in train_utils.GPU_PEAK_TFLOPS: pass --peak_tflops to log train/mfu", name)
+        logger.info("No published peak for %s in throughput.GPU_PEAK_TFLOPS: pass --peak_tflops to log train/mfu", name)
         return None
     return cpu_peak_flops(torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32)
 
