@@ -2,7 +2,7 @@
 
 Runnable commands:
     python run_mlm.py                                   # offline demo: tiny BERT, tokenizer trained on the fly,
-                                                        # Python's own docs as corpus, ~2 minutes on 2 CPU cores
+                                                        # Python's own docs as corpus, about a minute on 2 CPU cores
     python run_mlm.py --model_name_or_path bert-base-uncased --dataset_name Salesforce/wikitext \
         --dataset_config_name wikitext-2-raw-v1 --do_train --do_eval --output_dir out/bert-wikitext
     python run_mlm.py --config_name configs/bert-mini.json --train_file corpus.txt --validation_file dev.txt \

@@ -2,7 +2,7 @@
 
 Runnable commands:
     python run_span_t5.py                               # offline demo: tiny T5 v1.1, Unigram tokenizer trained on
-                                                        # the fly, Python's own docs as corpus, 2-3 minutes on 2 CPU cores
+                                                        # the fly, Python's own docs as corpus, under a minute on 2 CPU cores
     python run_span_t5.py --config_name configs/t5-small.json --dataset_name Salesforce/wikitext \
         --dataset_config_name wikitext-103-raw-v1 --max_seq_length 512 --per_device_train_batch_size 128 \
         --t5_optimizer adamwscale --learning_rate 2e-2 --warmup_steps 10000 --max_steps 65536 --bf16 --output_dir out/t5-small
