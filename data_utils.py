@@ -3,8 +3,10 @@ or the embedded offline corpus; the tokenized-data cache; the tokenizer a from-s
 corpus; per-batch seeds for the collators' masks. Fast tokenizing and packing are in packing.py.
 """
 
+import contextlib
 import hashlib
 import inspect
+import itertools
 import logging
 import os
 import shutil
@@ -18,16 +20,9 @@ from arguments import UserError
 logger = logging.getLogger(__name__)
 
 # Local file extension -> `datasets` builder name (and its options).
-FILE_BUILDERS = {
-    "txt": ("text", {}),
-    "text": ("text", {}),
-    "raw": ("text", {}),  # WikiText ships plain text as .raw
-    "csv": ("csv", {}),
-    "tsv": ("csv", {"sep": "\t", "quoting": 3}),  # 3 = csv.QUOTE_NONE: GLUE sentences hold bare quotes
-    "json": ("json", {}),
-    "jsonl": ("json", {}),
-    "parquet": ("parquet", {}),
-}
+FILE_BUILDERS = {"txt": ("text", {}), "text": ("text", {}), "raw": ("text", {}),  # WikiText ships plain text as .raw
+                 "csv": ("csv", {}), "tsv": ("csv", {"sep": "\t", "quoting": 3}),  # 3 = csv.QUOTE_NONE: bare quotes
+                 "json": ("json", {}), "jsonl": ("json", {}), "parquet": ("parquet", {})}
 
 
 def cache_root(cache_dir=None):
@@ -82,10 +77,8 @@ def check_data_file(path, flag):
             head.decode("utf-8")
         except UnicodeDecodeError as err:
             if err.start < len(head) - 4:  # not just a multi-byte character cut at the end of the sample
-                raise UserError(
-                    f"{flag} {path!r} is not UTF-8 text (bad byte at offset {err.start}); "
-                    "convert it, e.g. iconv -f latin1 -t utf-8"
-                )
+                raise UserError(f"{flag} {path!r} is not UTF-8 text (bad byte at offset {err.start}); "
+                                "convert it, e.g. iconv -f latin1 -t utf-8")
 
 
 def load_data_file(path, flag, cache_dir=None, streaming=False):
@@ -237,6 +230,8 @@ def load_or_train_tokenizer(model_args, data_args, output_dir, train_split, text
             name, cache_dir=model_args.cache_dir, use_fast=model_args.use_fast_tokenizer,
             revision=model_args.model_revision, token=model_args.token, trust_remote_code=model_args.trust_remote_code,
         )
+    if train_split is None:
+        raise UserError("no training text to train a tokenizer on; pass --tokenizer_name (or a model's folder)")
     key = hashlib.sha256(data_identity(model_args, data_args).encode()).hexdigest()[:16]
     cached = os.path.join(cache_root(model_args.cache_dir), "tokenizers", f"{kind}-{key}")
     for folder in (output_dir, cached):
@@ -250,16 +245,9 @@ def load_or_train_tokenizer(model_args, data_args, output_dir, train_split, text
 
 
 def batched_texts(dataset, column, batch_size=1000):
-    """Yield lists of non-empty texts from a (streaming or not) dataset column, for tokenizer training."""
-    batch = []
-    for example in dataset:
-        text = example[column]
-        if text and text.strip():
-            batch.append(text)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-    if batch:
+    """Lists of non-blank texts from a dataset column (streamed or not), for tokenizer training."""
+    texts = (text for text in (example[column] for example in dataset) if text and text.strip())
+    while batch := list(itertools.islice(texts, batch_size)):
         yield batch
 
 
@@ -267,13 +255,24 @@ class BatchSeeds:
     """One seed per batch from (seed, process rank, batch number), for the collators' masks: a resumed run
     draws the masks the uninterrupted run drew (the Trainer collates the first batch after a resume before it
     restores the RNG state). `start`: batches consumed before this DataLoader iterator began (set at each
-    epoch start by train_utils.BatchSeedCallback); workers take batches round-robin, hence the stride."""
+    epoch start by train_utils.BatchSeedCallback); workers take batches round-robin, hence the stride.
+    Inside `evaluation()` batches take a stream of their own, from its start each time."""
 
     def __init__(self, seed):
-        self.seed, self.start, self._local = seed, 0, 0
+        self.seed, self.start, self._local, self._evaluating = seed, 0, 0, False
 
     def restart(self, start):
         self.start, self._local = start, 0
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """Eval masks that depend only on the eval data and the seed; the training stream resumes as it was."""
+        saved = self.start, self._local, self._evaluating
+        self.start, self._local, self._evaluating = 0, 0, True
+        try:
+            yield
+        finally:
+            self.start, self._local, self._evaluating = saved
 
     def next(self):
         worker = torch.utils.data.get_worker_info()
@@ -281,5 +280,5 @@ class BatchSeeds:
         index = self.start + worker_id + workers * self._local
         self._local += 1
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-        return [self.seed, rank, index]
+        return [self.seed, rank, index, 1] if self._evaluating else [self.seed, rank, index]
 

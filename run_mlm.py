@@ -31,7 +31,6 @@ from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
     DataCollatorForLanguageModeling,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -218,7 +217,7 @@ def main(argv=None):
     # Several processes: the first trains and saves the tokenizer, the others then load that copy.
     with training_args.main_process_first(local=False, desc="tokenizer"):
         tokenizer = data_utils.load_or_train_tokenizer(
-            model_args, data_args, training_args.output_dir, raw_datasets["train"], text_column,
+            model_args, data_args, training_args.output_dir, raw_datasets.get("train"), text_column,
             f"wordpiece{vocab_size}-{limit}", lambda texts, save_to: train_wordpiece_tokenizer(texts, vocab_size, limit, save_to))
     if tokenizer.mask_token is None:
         raise UserError("the tokenizer has no mask token, so it cannot do masked-LM; pick a BERT/RoBERTa-style tokenizer")
@@ -295,7 +294,7 @@ def main(argv=None):
         return accuracy.compute(predictions=predictions[selected], references=labels[selected])
 
     # 7. Trainer
-    trainer = Trainer(
+    trainer = train_utils.IsolatedEvalTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,

@@ -26,7 +26,7 @@ from typing import Optional
 import evaluate
 import torch
 import transformers
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForSeq2SeqLM, Trainer, TrainingArguments, set_seed
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForSeq2SeqLM, TrainingArguments, set_seed
 from transformers.optimization import Adafactor
 from transformers.trainer_utils import SchedulerType
 
@@ -230,7 +230,7 @@ def main(argv=None):
     # Several processes: the first trains and saves the tokenizer, the others then load that copy.
     with training_args.main_process_first(local=False, desc="tokenizer"):
         tokenizer = data_utils.load_or_train_tokenizer(
-            model_args, data_args, training_args.output_dir, raw_datasets["train"], text_column, f"t5unigram{vocab_size}",
+            model_args, data_args, training_args.output_dir, raw_datasets.get("train"), text_column, f"t5unigram{vocab_size}",
             lambda texts, save_to: train_t5_unigram_tokenizer(texts, vocab_size, output_dir=save_to))
     # T5's relative position buckets set no hard limit; 512 is the length T5 was pre-trained with.
     max_seq_length = data_args.max_seq_length or min(tokenizer.model_max_length, 512)
@@ -306,7 +306,7 @@ def main(argv=None):
         return accuracy.compute(predictions=predictions[selected], references=labels[selected])
 
     # 7. Trainer
-    trainer = Trainer(
+    trainer = train_utils.IsolatedEvalTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,

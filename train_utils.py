@@ -4,6 +4,7 @@ resume rules, the callbacks (tokens/s and MFU from throughput.py), the W&B run c
 Nothing here changes a model; nothing here is a place students are expected to edit.
 """
 
+import contextlib
 import inspect
 import json
 import logging
@@ -222,6 +223,19 @@ def prepare_trainer(trainer, config, flops_per_token=None, peak=None):
     trainer.add_callback(RunConfigCallback(config))
     if os.environ.get("SWEEP_METRICS_FILE"):
         trainer.add_callback(SweepMetricsCallback(os.environ["SWEEP_METRICS_FILE"]))
+
+
+class IsolatedEvalTrainer(transformers.Trainer):
+    """transformers' Trainer whose evaluation leaves torch's random state as it was (each DataLoader draws from
+    it when it starts) and draws the collator's masks from a stream of their own, from its start each time
+    (data_utils.BatchSeeds.evaluation): the same weights always score the same, and evaluating during training
+    changes no training step, so a resumed run stays exact."""
+
+    def evaluate(self, *args, **kwargs):
+        seeds = getattr(self.data_collator, "batch_seeds", None)
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            with seeds.evaluation() if seeds is not None else contextlib.nullcontext():
+                return super().evaluate(*args, **kwargs)
 
 
 def log_and_save(trainer, split, metrics):

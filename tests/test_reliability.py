@@ -99,6 +99,51 @@ def test_span_t5_sigterm_resume_matches_uninterrupted(tmp_path, text_corpus, mon
     assert resumed[0] == reference[0] == 8 and abs(resumed[1] - reference[1]) < 1e-4
 
 
+def script_args(script, tmp_path, corpus, name, *extra):
+    from test_run_span_t5 import TINY_T5
+
+    tiny = TINY_BERT if script == "run_mlm" else TINY_T5
+    return [*tiny, f"--output_dir={tmp_path / name}", "--max_steps=8", "--save_steps=100", "--seed=7",
+            f"--train_file={corpus / 'train.txt'}", f"--validation_file={corpus / 'validation.txt'}", *extra]
+
+
+def train_losses(output_dir):
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+@pytest.mark.parametrize("script", ["run_mlm", "run_span_t5"])
+def test_evaluation_never_moves_the_training_masks_and_resume_stays_exact(tmp_path, text_corpus, monkeypatch, script):
+    """Evaluating during training draws its masks (MLM) or noise (T5) from a stream of its own: training with
+    evaluations every 2 steps gives the losses of training without them, also when stopped at step 3 and resumed."""
+    main = __import__(script).main
+    evaluating = ["--eval_strategy=steps", "--eval_steps=2"]
+    main(script_args(script, tmp_path, text_corpus, "plain", "--do_train"))
+    main(script_args(script, tmp_path, text_corpus, "evaluated", *evaluating))
+    interrupt(main, script_args(script, tmp_path, text_corpus, "cut", *evaluating), 3, signal.SIGTERM, monkeypatch)
+    main(script_args(script, tmp_path, text_corpus, "cut", *evaluating))
+    plain, evaluated, cut = (train_losses(tmp_path / name) for name in ("plain", "evaluated", "cut"))
+    assert sorted(plain) == sorted(evaluated) == sorted(cut) == list(range(1, 9))
+    for step in plain:
+        assert evaluated[step] == pytest.approx(plain[step], abs=1e-5), step
+        assert cut[step] == pytest.approx(plain[step], abs=1e-4), step
+
+
+@pytest.mark.parametrize("script", ["run_mlm", "run_span_t5"])
+def test_the_same_weights_always_score_the_same(tmp_path, text_corpus, script):
+    """The eval loss at the end of training equals the eval loss of the saved model evaluated alone, twice: eval
+    masks depend only on the eval data and the seed, not on how many batches came before."""
+    main = __import__(script).main
+    trained = main(script_args(script, tmp_path, text_corpus, "trained", "--do_train", "--do_eval"))
+    tiny = [a for a in (TINY_BERT if script == "run_mlm" else __import__("test_run_span_t5").TINY_T5)
+            if not a.startswith(("--model_type", "--config_overrides", "--tokenizer_vocab_size"))]
+    again = [main([*tiny, f"--model_name_or_path={tmp_path / 'trained'}", "--do_eval", "--seed=7",
+                   f"--validation_file={text_corpus / 'validation.txt'}", f"--output_dir={tmp_path / name}"])
+             for name in ("eval1", "eval2")]
+    assert again[0]["eval_loss"] == again[1]["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-6)
+    assert again[0]["eval_accuracy"] == trained["eval_accuracy"]
+
+
 def test_incomplete_checkpoint_is_skipped(tmp_path, text_corpus, caplog):
     args = mlm_args(tmp_path, text_corpus, "out") + ["--save_steps=2"]
     run_mlm.main([a for a in args if not a.startswith("--max_steps")] + ["--max_steps=4"])
