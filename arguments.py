@@ -178,8 +178,12 @@ def _check_unknown(argv, known):
         if item.startswith("--"):
             name = item[2:].partition("=")[0]
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-                hint = f"; did you mean --{close[0]}?" if close else "; run with --help to list the flags"
+                close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+                if len(close) == 2 and close[0].replace("eval", "train") == close[1].replace("eval", "train"):
+                    close.sort(key=lambda flag: "train" not in flag)  # the train flag first, its eval twin beside
+                    hint = f"; did you mean --{close[0]} (or --{close[1]})?"
+                else:
+                    hint = f"; did you mean --{close[0]}?" if close else "; run with --help to list the flags"
                 raise UserError(f"unknown flag --{name}{hint}")
 
 

@@ -91,6 +91,10 @@ class GlueArguments:
         if self.data_dir and not (self.task_name and os.path.isdir(self.data_dir)):
             raise UserError(f"--data_dir {self.data_dir!r} must be a GLUE task folder (e.g. glue_data/SST-2) and "
                             "needs --task_name (e.g. sst2)")
+        folder_task = os.path.basename(os.path.normpath(self.data_dir or "")).lower().replace("-", "")
+        if folder_task in GLUE_TASKS and folder_task != self.task_name:  # the download's folders are named by task
+            raise UserError(f"--data_dir {self.data_dir!r} is GLUE's {folder_task} folder, but --task_name is "
+                            f"{self.task_name}; pass --task_name {folder_task}, or the {self.task_name} folder")
         if self.test_file and self.test_file.rsplit(".", 1)[-1].lower() not in ("csv", "tsv", "json", "jsonl", "parquet"):
             raise UserError(f"--test_file {self.test_file!r}: use a .csv, .tsv, .json, .jsonl or .parquet file")
         if self.text_column_names and not 1 <= len(self.text_column_names.split(",")) <= 2:
@@ -187,8 +191,9 @@ def main(argv=None):
     config_source = model_args.config_name or model_args.model_name_or_path
     try:
         config = AutoConfig.from_pretrained(config_source, **hub)
-    except OSError as err:
-        raise UserError(f"no model config at {config_source!r}; give a Hub id or a folder with config.json") from err
+    except (OSError, ValueError) as err:  # a folder without a model, a Hub id offline or misspelled
+        raise UserError(f"no model config at {config_source!r} ({str(err).strip().splitlines()[0][:150]}); give a "
+                        "model's folder (with config.json) or a Hub id") from None
     text_to_text = bool(config.is_encoder_decoder) if glue_args.text_to_text is None else glue_args.text_to_text
     if text_to_text and not config.is_encoder_decoder:
         raise UserError(f"--text_to_text needs an encoder-decoder model such as google-t5/t5-small, not a "
@@ -341,8 +346,9 @@ def main(argv=None):
         train_utils.log_and_save(trainer, "predict", predict_metrics)
         metrics.update(predict_metrics)
     if training_args.should_log and f"eval_{main_metric}" in metrics:
+        head = "text-to-text" if text_to_text else "regression head" if regression else "classification head"
         print(f"\nOutputs in {os.path.abspath(training_args.output_dir)}; eval {main_metric}: "
-              f"{metrics[f'eval_{main_metric}']:.4f} ({task or 'data'}, {'text-to-text' if text_to_text else 'class head'})")
+              f"{metrics[f'eval_{main_metric}']:.4f} ({task or 'data'}, {head})")
     return metrics
 
 

@@ -161,11 +161,14 @@ def load_optimizer(t5_args, training_args):
 
 
 def load_config(model_args):
-    if model_args.config_name or model_args.model_name_or_path:
-        return AutoConfig.from_pretrained(
-            model_args.config_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision, token=model_args.token, trust_remote_code=model_args.trust_remote_code,
-        )
+    source = model_args.config_name or model_args.model_name_or_path
+    if source:
+        try:
+            return AutoConfig.from_pretrained(source, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                              token=model_args.token, trust_remote_code=model_args.trust_remote_code)
+        except (OSError, ValueError) as err:  # a folder without a model, a Hub id offline or misspelled
+            raise UserError(f"no model config at {source!r} ({str(err).strip().splitlines()[0][:150]}); give a model's "
+                            "folder (with config.json) or a Hub id") from None
     if model_args.model_type:
         if model_args.model_type not in CONFIG_MAPPING:
             raise UserError(f"unknown --model_type {model_args.model_type!r}; use e.g. t5, mt5, umt5")

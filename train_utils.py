@@ -51,6 +51,8 @@ def finalize_training_args(training_args, given, script_name):
     asked_eval = training_args.do_eval and ("do_eval" in given or training_args.eval_strategy == "no")
     if not (training_args.do_train or asked_eval or training_args.do_predict):
         training_args.do_train = training_args.do_eval = True  # nothing asked for: do the whole job
+    if "logging_steps" not in given:
+        training_args.logging_steps = 0.02  # a fraction of the run's steps: ~50 loss logs however long it is
     if training_args.include_num_input_tokens_seen in ("no", False):
         training_args.include_num_input_tokens_seen = "all"  # feeds train/tokens_per_second and train/mfu
     if not torch.cuda.is_available():

@@ -44,6 +44,10 @@ def files(tmp_path_factory, text_corpus):
     theirs.mkdir()
     (theirs / "thesis.tex").write_text("\\documentclass{article} my thesis")
     (d / "empty_glue_dir").mkdir()
+    (d / "MRPC").mkdir()
+    (d / "MRPC" / "train.tsv").write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\ta b\tc d\n")
+    (d / "data_folder").mkdir()
+    (d / "data_folder" / "train.txt").write_text((text_corpus / "train.txt").read_text())
     # a BERT-style tokenizer (no T5 sentinels) and a T5-style one (no mask token) for the model checks
     texts = [[line for line in (text_corpus / "train.txt").read_text().splitlines() if line]]
     run_mlm.train_wordpiece_tokenizer(iter(texts), 300, 128, output_dir=str(d / "bert_tokenizer"))
@@ -116,6 +120,18 @@ CASES = [
     ("save_steps not a multiple of eval_steps", "fine_tune_glue",
      ["--task_name=sst2", "--model_name_or_path={d}/bert_tokenizer", "--load_best_model_at_end", "--eval_strategy=steps",
       "--eval_steps=30", "--save_steps=50"], ["save_steps", "multiple"]),
+    ("model folder without a model", "run_mlm", ["--model_name_or_path={d}/data_folder", *MLM_DATA],
+     ["no model config", "data_folder", "config.json"]),
+    ("model folder without a model (T5)", "run_span_t5", ["--model_name_or_path={d}/data_folder", *MLM_DATA],
+     ["no model config", "data_folder", "config.json"]),
+    ("model folder without a model (GLUE)", "fine_tune_glue",
+     ["--train_file={d}/cls_train.csv", "--validation_file={d}/cls_train.csv", "--model_name_or_path={d}/data_folder"],
+     ["no model config", "data_folder", "config.json"]),
+    ("GLUE task and data_dir of another task", "fine_tune_glue",
+     ["--task_name=rte", "--data_dir={d}/MRPC", "--model_name_or_path={d}/bert_tokenizer"],
+     ["MRPC", "mrpc folder", "--task_name mrpc"]),
+    ("train/eval flag misspelled", "run_mlm", ["--per_device_batch_size=8"],
+     ["did you mean --per_device_train_batch_size (or --per_device_eval_batch_size)?"]),
     ("sweep: bad method", "sweep", ["{d}/bad_method.yaml"], ["method", "bayes"]),
     ("sweep: bad distribution", "sweep", ["{d}/bad_distribution.yaml"], ["loguniform", "log_uniform_values"]),
     ("sweep: metric name missing", "sweep", ["{d}/no_metric.yaml"], ["metric"]),
@@ -130,6 +146,8 @@ def script_args(script, args, d, out):
     base = {"run_mlm": TINY_BERT, "run_span_t5": TINY_T5, "fine_tune_glue": ["--report_to=none", "--max_seq_length=32"]}[script]
     if not any(a.startswith("--output_dir") for a in args):
         args.append(f"--output_dir={out}")
+    if any(a.startswith("--model_name_or_path") for a in args):  # a model of its own: no from-scratch settings
+        base = [a for a in base if not a.startswith(("--model_type", "--config_overrides"))]
     return [*base, *args]
 
 

@@ -2,6 +2,7 @@
 tiny T5 built from configs with tokenizers trained here. Tests marked slow use ../shared (MiniLM, GLUE files)."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -207,9 +208,10 @@ def test_glue_tasks_report_their_metrics(tmp_path, tiny_bert, glue_data, task, f
         assert metrics["eval_combined_score"] == pytest.approx(sum(values) / len(values), nan_ok=True)
 
 
-def test_stsb_is_regression_with_three_decimals(tmp_path, tiny_bert, glue_data):
+def test_stsb_is_regression_with_three_decimals(tmp_path, tiny_bert, glue_data, capsys):
     out = tmp_path / "stsb"
-    run(tiny_bert, out, "--task_name=stsb", f"--data_dir={glue_data / 'STS-B'}", "--do_train", "--do_predict")
+    run(tiny_bert, out, "--task_name=stsb", f"--data_dir={glue_data / 'STS-B'}", "--do_train", "--do_eval", "--do_predict")
+    assert "(stsb, regression head)" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
     predictions = read_predictions(out / "predict_results_stsb.txt")
@@ -446,11 +448,12 @@ def test_auto_resume(tmp_path, tiny_bert, glue_data, caplog):
 @pytest.mark.parametrize("extra,message", [
     (["--task_name=sst3"], "did you mean sst2"),
     (["--task_name=imdb"], "use one of cola"),
-    (["--task_name=sst2", "--data_dir=DATA/RTE", "--do_predict"], "has no test.tsv, which --do_predict needs"),
-    (["--task_name=sst2", "--data_dir=DATA/RTE"], "no column 'sentence'"),
-    (["--task_name=mnli", "--data_dir=DATA/SST-2"], "has no dev_matched.tsv"),
-    (["--task_name=stsb", "--data_dir=DATA/RTE"], "must be numbers"),
-    (["--task_name=rte", "--data_dir=DATA/MRPC"], "no column 'sentence1'"),
+    (["--task_name=rte", "--data_dir=DATA/RTE", "--do_predict"], "has no test.tsv, which --do_predict needs"),
+    (["--task_name=sst2", "--data_dir=DATA/RTE"], "is GLUE's rte folder, but --task_name is sst2; pass --task_name rte"),
+    (["--task_name=rte", "--data_dir=DATA/MRPC"], "is GLUE's mrpc folder, but --task_name is rte; pass --task_name mrpc"),
+    (["--task_name=sst2", "--data_dir=DATA/renamed_rte"], "no column 'sentence'"),
+    (["--task_name=mnli", "--data_dir=DATA/renamed_sst2"], "has no dev_matched.tsv"),
+    (["--task_name=stsb", "--data_dir=DATA/renamed_rte"], "must be numbers"),
     (["--train_file=DATA/CSV"], "which columns hold the text"),
     (["--train_file=DATA/CSV", "--text_column_names=txt", "--label_column_name=y"], "no label column 'y'"),
     (["--task_name=sst2", "--data_dir=DATA/SST-2", "--max_seq_length=100"], "exceeds the model's limit of 64"),
@@ -458,6 +461,8 @@ def test_auto_resume(tmp_path, tiny_bert, glue_data, caplog):
 ])
 def test_bad_input_names_the_fix(tmp_path, tiny_bert, glue_data, extra, message):
     write_frame(pd.DataFrame({"txt": ["a b", "c d"], "label": [0, 1]}), glue_data / "plain.csv")
+    for task, renamed in (("RTE", "renamed_rte"), ("SST-2", "renamed_sst2")):  # a task's files, not named by the task
+        shutil.copytree(glue_data / task, glue_data / renamed, dirs_exist_ok=True)
     extra = [e.replace("DATA/CSV", str(glue_data / "plain.csv")).replace("DATA", str(glue_data)) for e in extra]
     with pytest.raises(UserError, match=message):
         run(tiny_bert, tmp_path / "o", *extra)

@@ -167,6 +167,14 @@ def test_tokenizer_trained_once_then_reused_and_data_cached(tmp_path, text_corpu
     assert "Saved tokenized data to cache" not in caplog.text
 
 
+def test_a_run_of_any_length_logs_its_loss_about_50_times(tmp_path, text_corpus):
+    args = [a for a in TINY_BERT if not a.startswith("--logging_steps")]
+    run_mlm.main([*args, f"--output_dir={tmp_path / 'o'}", "--max_steps=100", "--save_strategy=no", "--do_train",
+                  f"--train_file={text_corpus / 'train.txt'}"])
+    history = json.loads((tmp_path / "o" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == list(range(2, 101, 2))
+
+
 def test_each_streamed_corpus_gets_its_own_tokenizer(tmp_path, text_corpus):
     """The trained-tokenizer cache is keyed by the data (path, size, time), streamed or not."""
     other = tmp_path / "other"
