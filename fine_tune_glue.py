@@ -79,6 +79,9 @@ class GlueArguments:
                 "Default: true for encoder-decoder models."})
     ignore_mismatched_sizes: bool = field(default=False, metadata={
         "help": "Start a new classification head if the checkpoint's has a different number of labels."})
+    dropout: Optional[float] = field(default=None, metadata={
+        "help": "Dropout for fine-tuning (encoders: hidden and attention dropout; T5: dropout_rate, which T5 v1.1 "
+                "checkpoints carry as 0.0 from pre-training; T5 fine-tuned with 0.1). Default: the checkpoint's."})
 
     def __post_init__(self):
         if self.task_name is not None:
@@ -97,6 +100,8 @@ class GlueArguments:
                             f"{self.task_name}; pass --task_name {folder_task}, or the {self.task_name} folder")
         if self.test_file and self.test_file.rsplit(".", 1)[-1].lower() not in ("csv", "tsv", "json", "jsonl", "parquet"):
             raise UserError(f"--test_file {self.test_file!r}: use a .csv, .tsv, .json, .jsonl or .parquet file")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError("--dropout must be in [0, 1), e.g. 0.1")
         if self.text_column_names and not 1 <= len(self.text_column_names.split(",")) <= 2:
             raise UserError("--text_column_names takes one or two column names, e.g. 'question,answer'")
 
@@ -200,6 +205,10 @@ def main(argv=None):
                         f"{config.model_type}; drop the flag to train a classification head")
     if names and not task and not training_args.do_train and glue_data.model_label_names(config):
         names, lookup = get_labels(raw, task, glue_data.model_label_names(config))  # a fine-tuned model's classes
+    if glue_args.dropout is not None:  # ADAPT: where other architectures keep their dropout
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate", "dropout", "attention_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, glue_args.dropout)
     regression, model_ids = names is None, None
     if regression and not text_to_text:
         config.num_labels, config.problem_type = 1, "regression"

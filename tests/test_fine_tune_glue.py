@@ -373,6 +373,15 @@ def test_t5_regression_and_pairs(tmp_path, tiny_t5, glue_data):
     assert all(p.count(".") == 1 for p in read_predictions(out / "predict_results_stsb.txt"))  # non-numbers: 0.000
 
 
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_t5"])
+def test_dropout_flag_sets_the_models_dropout(tmp_path, glue_data, request, model):
+    out = tmp_path / model
+    run(request.getfixturevalue(model), out, "--task_name=rte", f"--data_dir={glue_data / 'RTE'}", "--dropout=0.3")
+    config = json.loads((out / "config.json").read_text())
+    keys = ("dropout_rate",) if model == "tiny_t5" else ("hidden_dropout_prob", "attention_probs_dropout_prob")
+    assert all(config[key] == 0.3 for key in keys)
+
+
 def test_t5_invalid_generated_label_counts_as_wrong(tmp_path, tiny_t5, monkeypatch):
     """Gold labels 1, 0, 1, 0; outputs 'equivalent', nonsense, nonsense, 'not_equivalent'. The invalid outputs
     count as wrong: accuracy 2/4; as the other class for F1 (T5's rule): TP 1, FP 1, FN 1, so F1 0.5."""
