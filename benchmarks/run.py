@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -57,7 +58,12 @@ def machine():
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True).stdout.strip() or None
+    except OSError:  # no git: a copy, not a clone
+        commit = None
+    return {"commit": commit, "cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "bf16_matrix_units": train_utils.cpu_has_bf16_matmul(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
@@ -213,7 +219,8 @@ REPORTS = {"mlm": report_mlm, "preprocess": report_preprocess, "glue": report_gl
 def render(data):
     meta, m = data["meta"], data["meta"]["machine"]
     lines = ["# Benchmark results", "",
-             f"Written by `python benchmarks/run.py{' --quick' if meta['quick'] else ''}` on {meta['finished']} in "
+             f"Written by `python benchmarks/run.py{' --quick' if meta['quick'] else ''}` on {meta['finished']}"
+             + (f" at commit {m['commit']}" if m.get("commit") else "") + f" in "
              f"{meta['minutes']:.0f} minutes; figures in `results.json`. Machine: {m['cpu']}, {m['cores']} cores "
              f"({m['torch_threads']} torch threads), bf16 matrix units: {'yes' if m['bf16_matrix_units'] else 'no'}, "
              f"GPU: {m['gpu'] or 'none'}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
