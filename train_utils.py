@@ -52,7 +52,7 @@ def finalize_training_args(training_args, given, script_name):
     if not (training_args.do_train or asked_eval or training_args.do_predict):
         training_args.do_train = training_args.do_eval = True  # nothing asked for: do the whole job
     if "logging_steps" not in given:
-        training_args.logging_steps = 0.02  # a fraction of the run's steps: ~50 loss logs however long it is
+        training_args.logging_steps = 0.02  # a fraction of the steps: ~50 loss logs a run (every step if shorter)
     if training_args.include_num_input_tokens_seen in ("no", False):
         training_args.include_num_input_tokens_seen = "all"  # feeds train/tokens_per_second and train/mfu
     if not torch.cuda.is_available():
