@@ -79,8 +79,9 @@ def peak_flops(training_args, peak_tflops=None):
 
 
 def cpu_peak_flops(dtype, size=2048, seconds=1.0):
-    """Matrix-multiply FLOP/s of this CPU in `dtype` (x @ w.T, nn.Linear's product), measured on the first run and
-    remembered per CPU model, thread count, dtype and torch version in <cache>/peak_flops.json."""
+    """Matrix-multiply FLOP/s of this CPU in `dtype` (x @ w.T, nn.Linear's product; the fastest of ~1 s of them),
+    measured on the first run and remembered per CPU model, thread count, dtype and torch version in
+    <cache>/peak_flops.json. Delete that file to measure again."""
     from data_utils import cache_root
 
     key = f"{platform.processor() or platform.machine()}|{torch.get_num_threads()}|{dtype}|{torch.__version__}"
@@ -94,11 +95,12 @@ def cpu_peak_flops(dtype, size=2048, seconds=1.0):
         generator = torch.Generator().manual_seed(0)  # leaves the global RNG alone: runs stay reproducible
         a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
         a @ b.t()  # warm-up: thread pool, kernel choice
-        runs, start = 0, time.perf_counter()
+        fastest, start = float("inf"), time.perf_counter()
         while time.perf_counter() - start < seconds:
+            product_start = time.perf_counter()
             a @ b.t()
-            runs += 1
-        known[key] = 2 * size**3 * runs / (time.perf_counter() - start)
+            fastest = min(fastest, time.perf_counter() - product_start)
+        known[key] = 2 * size**3 / fastest  # the fastest product: other jobs slow some products, rarely all
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"  # ranks of a multi-process run may measure at once: never a torn file
@@ -120,6 +122,7 @@ class ThroughputCallback(TrainerCallback):
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._last = None
         self._first_step = None  # seconds, waiting for the next log; False once logged
+        self._warned = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (time.perf_counter(), state.num_input_tokens_seen or 0)
@@ -142,6 +145,11 @@ class ThroughputCallback(TrainerCallback):
             added["tokens_per_second"] = round(tokens_per_second, 1)
             if self.flops_per_token and self.peak_flops:  # tokens of all processes, the peak of one device
                 added["mfu"] = round(tokens_per_second * self.flops_per_token / (self.peak_flops * args.world_size), 4)
+                if added["mfu"] > 1 and not self._warned and state.is_world_process_zero:
+                    self._warned = True
+                    logger.warning("train/mfu %.2f is above 1: the peak it divides by is too low (a CPU's peak measured "
+                                   "while other jobs ran?); pass --peak_tflops, or delete <cache>/peak_flops.json to "
+                                   "measure again", added["mfu"])
         if self._first_step:
             added["seconds_to_first_step"], self._first_step = self._first_step, False
         logs.update(added)

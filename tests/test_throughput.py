@@ -63,3 +63,19 @@ def test_seconds_to_first_step_and_throughput_reach_logs(tmp_path, text_corpus, 
     # MFU divides by --peak_tflops: 1 GFLOP/s
     flops = per_step[-1]["mfu"] * 1e9 / per_step[-1]["tokens_per_second"]
     assert 1e4 < flops < 1e7  # a tiny BERT's training FLOPs per token
+
+
+def test_an_mfu_above_1_warns_once_with_the_fix(caplog):
+    import logging
+    import time
+
+    caplog.set_level(logging.WARNING)
+    callback = throughput.ThroughputCallback(flops_per_token=1e9, peak_flops=1e6)  # a peak far too low
+    for step in (1, 2):
+        callback._last = (time.perf_counter() - 1.0, 0)
+        state = SimpleNamespace(num_input_tokens_seen=1000, log_history=[], global_step=step, is_world_process_zero=True)
+        logs = {"loss": 1.0}
+        callback.on_log(SimpleNamespace(world_size=1), state, None, logs=logs)
+        assert logs["mfu"] > 1
+    warnings = [r.getMessage() for r in caplog.records if "train/mfu" in r.getMessage()]
+    assert len(warnings) == 1 and "--peak_tflops" in warnings[0] and "peak_flops.json" in warnings[0]
