@@ -13,7 +13,7 @@ import shutil
 
 import torch
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from arguments import UserError
 
@@ -218,6 +218,17 @@ def data_identity(model_args, data_args):
         sources = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
     held_out = data_args.validation_file is None and data_args.validation_split_percentage
     return repr((sources, held_out, data_args.streaming))
+
+
+def load_pretrained_config(source, model_args):
+    """AutoConfig.from_pretrained(source) with the run's Hub settings; a folder without a model, or a Hub id that
+    cannot be reached, is a UserError naming the fix."""
+    try:
+        return AutoConfig.from_pretrained(source, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                          token=model_args.token, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as err:  # a folder without a model, a Hub id offline or misspelled
+        raise UserError(f"no model config at {source!r} ({str(err).strip().splitlines()[0][:150]}); give a model's "
+                        "folder (with config.json) or a Hub id") from None
 
 
 def load_or_train_tokenizer(model_args, data_args, output_dir, train_split, text_column, kind, train):

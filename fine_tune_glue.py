@@ -33,7 +33,6 @@ import numpy as np
 import transformers
 from datasets import ClassLabel
 from transformers import (
-    AutoConfig,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -193,12 +192,7 @@ def main(argv=None):
     # 4. Model and tokenizer
     hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
                trust_remote_code=model_args.trust_remote_code)
-    config_source = model_args.config_name or model_args.model_name_or_path
-    try:
-        config = AutoConfig.from_pretrained(config_source, **hub)
-    except (OSError, ValueError) as err:  # a folder without a model, a Hub id offline or misspelled
-        raise UserError(f"no model config at {config_source!r} ({str(err).strip().splitlines()[0][:150]}); give a "
-                        "model's folder (with config.json) or a Hub id") from None
+    config = data_utils.load_pretrained_config(model_args.config_name or model_args.model_name_or_path, model_args)
     text_to_text = bool(config.is_encoder_decoder) if glue_args.text_to_text is None else glue_args.text_to_text
     if text_to_text and not config.is_encoder_decoder:
         raise UserError(f"--text_to_text needs an encoder-decoder model such as google-t5/t5-small, not a "
@@ -325,7 +319,7 @@ def main(argv=None):
         result = train_utils.train(trainer, resume_from)
         trainer.save_model()  # model, config (with the label names) and tokenizer, loadable with from_pretrained
         train_metrics = dict(result.metrics, train_samples=len(tokenized["train"]),
-                             peak_memory_mb=round(train_utils.peak_memory_mb(), 1))
+                             peak_memory_mb=round(throughput.peak_memory_mb(), 1))
         train_utils.log_and_save(trainer, "train", train_metrics)
         metrics.update(train_metrics)
 

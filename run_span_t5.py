@@ -26,7 +26,7 @@ from typing import Optional
 import evaluate
 import torch
 import transformers
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForSeq2SeqLM, TrainingArguments, set_seed
+from transformers import CONFIG_MAPPING, AutoModelForSeq2SeqLM, TrainingArguments, set_seed
 from transformers.optimization import Adafactor
 from transformers.trainer_utils import SchedulerType
 
@@ -163,12 +163,7 @@ def load_optimizer(t5_args, training_args):
 def load_config(model_args):
     source = model_args.config_name or model_args.model_name_or_path
     if source:
-        try:
-            return AutoConfig.from_pretrained(source, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                                              token=model_args.token, trust_remote_code=model_args.trust_remote_code)
-        except (OSError, ValueError) as err:  # a folder without a model, a Hub id offline or misspelled
-            raise UserError(f"no model config at {source!r} ({str(err).strip().splitlines()[0][:150]}); give a model's "
-                            "folder (with config.json) or a Hub id") from None
+        return data_utils.load_pretrained_config(source, model_args)
     if model_args.model_type:
         if model_args.model_type not in CONFIG_MAPPING:
             raise UserError(f"unknown --model_type {model_args.model_type!r}; use e.g. t5, mt5, umt5")
@@ -325,7 +320,7 @@ def main(argv=None):
     if training_args.do_train:
         result = train_utils.train(trainer, resume_from)
         trainer.save_model()  # model, config and tokenizer, loadable with from_pretrained
-        train_metrics = dict(result.metrics, peak_memory_mb=round(train_utils.peak_memory_mb(), 1))
+        train_metrics = dict(result.metrics, peak_memory_mb=round(throughput.peak_memory_mb(), 1))
         if not data_args.streaming:
             train_metrics["train_samples"] = len(train_dataset)
         train_utils.log_and_save(trainer, "train", train_metrics)

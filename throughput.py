@@ -1,12 +1,13 @@
-"""Tokens per second and model FLOPs utilization (MFU) for the three scripts: FLOPs per token of an encoder
-or an encoder-decoder, the device's peak (a table of published GPU peaks, or a CPU's matrix multiply measured
-once per machine), and the callback that logs train/tokens_per_second and train/mfu.
+"""Tokens per second, model FLOPs utilization (MFU) and peak memory for the three scripts: FLOPs per token of an
+encoder or an encoder-decoder, the device's peak (a table of published GPU peaks, or a CPU's matrix multiply
+measured once per machine), the callback that logs train/tokens_per_second and train/mfu, and peak_memory_mb.
 """
 
 import json
 import logging
 import os
 import platform
+import resource
 import time
 
 import torch
@@ -55,6 +56,25 @@ def encoder_decoder_flops_per_token(model, input_length, target_length):
     matmuls = 6 * (weights(model.get_encoder()) * n + weights(model.get_decoder()) * t)
     attention = 12 * width * (enc_layers * n * n + dec_layers * t * (t + n))
     return (matmuls + attention + 6 * config.d_model * config.vocab_size * t) / n
+
+
+def cpu_has_bf16_matmul():
+    """Whether torch multiplies bf16 matrices with a fast kernel on this CPU (oneDNN on AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def peak_memory_mb():
+    """Peak GPU memory allocated by torch, or on a CPU the process's peak resident memory, in MB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:  # Linux's VmHWM: ru_maxrss would count the RSS a parent process had before it started this one
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # Dense peak TFLOP/s from NVIDIA's datasheets: (bf16 or fp16 on tensor cores, TF32, plain fp32). Longer names first.

@@ -1,5 +1,5 @@
-"""Trainer plumbing that the three scripts share: logging, defaults that depend on the run, the output folder and
-resume rules, the callbacks (tokens/s and MFU from throughput.py), the W&B run config and sweep metrics, stopping cleanly on a signal, results files.
+"""Trainer plumbing the three scripts share: logging, run-dependent defaults, output folder and resume rules, the
+callbacks (tokens/s and MFU from throughput.py, W&B config, sweep metrics), clean stops on a signal, results files.
 
 Nothing here changes a model; nothing here is a place students are expected to edit.
 """
@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import resource
 import signal
 import sys
 import threading
@@ -57,17 +56,9 @@ def finalize_training_args(training_args, given, script_name):
         training_args.include_num_input_tokens_seen = "all"  # feeds train/tokens_per_second and train/mfu
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per loader
-        if training_args.bf16 and not cpu_has_bf16_matmul() and training_args.process_index == 0:
+        if training_args.bf16 and not throughput.cpu_has_bf16_matmul() and training_args.process_index == 0:
             print("warning: --bf16 on a CPU without bf16 matrix units (AVX512-BF16 or AMX) runs several times "
                   "slower than fp32; drop --bf16 for speed", file=sys.stderr)
-
-
-def cpu_has_bf16_matmul():
-    """Whether torch multiplies bf16 matrices with a fast kernel on this CPU (oneDNN on AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 # Output folder and resume
@@ -156,20 +147,15 @@ def prepare_output_dir(training_args, data_args, script_name, config=None):
 
 def _redacted(argv):
     """argv with token values hidden, so secrets never land in files."""
-    secret = ("--token", "--hub_token")
-    return [f"{item.partition('=')[0]}=<hidden>" if item.partition("=")[0] in secret and "=" in item
-            else "<hidden>" if i and argv[i - 1] in secret else item for i, item in enumerate(argv)]
-
-
-def peak_memory_mb():
-    """Peak GPU memory allocated by torch, or on a CPU the process's peak resident memory, in MB."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:  # Linux's VmHWM: ru_maxrss would count the RSS a parent process had before it started this one
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
-    except (OSError, StopIteration, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    secret, out = ("--token", "--hub_token"), []
+    for i, item in enumerate(argv):
+        name, equals, _ = item.partition("=")
+        if name in secret and equals:
+            item = f"{name}=<hidden>"
+        elif i and argv[i - 1] in secret:
+            item = "<hidden>"
+        out.append(item)
+    return out
 
 
 def wandb_style(logs, step):

@@ -50,7 +50,7 @@ def machine():
     import torch
     import transformers
 
-    import train_utils
+    import throughput
 
     model = platform.processor() or platform.machine()
     try:
@@ -64,7 +64,7 @@ def machine():
     except OSError:  # no git: a copy, not a clone
         commit = None
     return {"commit": commit, "cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "bf16_matrix_units": train_utils.cpu_has_bf16_matmul(), "python": platform.python_version(),
+            "bf16_matrix_units": throughput.cpu_has_bf16_matmul(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 

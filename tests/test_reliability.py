@@ -9,6 +9,7 @@ import pytest
 from transformers import TrainerCallback
 
 import run_mlm
+import throughput
 import train_utils
 from arguments import UserError, to_config_dict
 from conftest import TINY_BERT
@@ -181,7 +182,7 @@ def test_trust_remote_code_is_off_by_default():
 
 @pytest.mark.parametrize("bf16_units", [False, True])
 def test_bf16_without_bf16_units_warns_once_naming_fp32_and_runs(tmp_path, text_corpus, monkeypatch, capsys, bf16_units):
-    monkeypatch.setattr(train_utils, "cpu_has_bf16_matmul", lambda: bf16_units)
+    monkeypatch.setattr(throughput, "cpu_has_bf16_matmul", lambda: bf16_units)
     metrics = run_mlm.main(mlm_args(tmp_path, text_corpus, "bf16") + ["--bf16", "--max_steps=2"])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "--bf16" in line]
     assert math.isfinite(metrics["eval_loss"])

@@ -428,7 +428,7 @@ def test_edited_preprocessing_is_run_again_and_overwrite_cache_reruns_it(tmp_pat
 def test_peak_memory_is_the_processes_own_not_its_parents():
     # A run started by a large process (a benchmark, a notebook) used to report the parent's RSS as its peak.
     ballast = b"x" * (1200 << 20)  # written, so resident in this (the parent) process
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train_utils; print(train_utils.peak_memory_mb())"
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import throughput; print(throughput.peak_memory_mb())"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     peak = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                 check=True).stdout.split()[-1])
