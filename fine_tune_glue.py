@@ -163,7 +163,7 @@ def main(argv=None):
     arg_types = (ModelArguments, DataArguments, GlueArguments, Seq2SeqTrainingArguments)
     model_args, data_args, glue_args, training_args = glue_data.parse_args_checking_best_model(arg_types, argv)
     given = flags_given(argv)
-    train_utils.finalize_training_args(training_args, given, "fine_tune_glue")
+    train_utils.finalize_training_args(training_args, given)
     if "train_sampling_strategy" not in given:
         # Similar lengths in a batch: little padding. Also under --pad_to_max_length, which changes the padding
         # and nothing else, so the two settings see the same batches in the same order.
@@ -176,7 +176,7 @@ def main(argv=None):
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
     config_dict = to_config_dict(model_args, data_args, glue_args, training_args)
-    resume_from = train_utils.prepare_output_dir(training_args, data_args, "fine_tune_glue", config_dict)
+    resume_from = train_utils.prepare_output_dir(training_args, data_args, "fine_tune_glue", config_dict, given)
     set_seed(training_args.seed)
 
     # 3. Datasets
@@ -348,6 +348,7 @@ def main(argv=None):
                         f.writelines(f"{i}\t{text}\n" for i, text in enumerate(prediction_texts(output.predictions)))
         train_utils.log_and_save(trainer, "predict", predict_metrics)
         metrics.update(predict_metrics)
+    train_utils.mark_finished(training_args)
     if training_args.should_log and f"eval_{main_metric}" in metrics:
         head = "text-to-text" if text_to_text else "regression head" if regression else "classification head"
         print(f"\nOutputs in {os.path.abspath(training_args.output_dir)}; eval {main_metric}: "

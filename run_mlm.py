@@ -193,14 +193,15 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv) or DEMO_ARGS
     model_args, data_args, mlm_args, training_args = parse_args(
         (ModelArguments, DataArguments, MLMArguments, TrainingArguments), argv)
-    train_utils.finalize_training_args(training_args, flags_given(argv), "run_mlm")
+    given = flags_given(argv)
+    train_utils.finalize_training_args(training_args, given)
     if data_args.streaming and training_args.max_steps <= 0:
         raise UserError("--streaming needs --max_steps (a stream has no length to count epochs by)")
 
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
     config_dict = to_config_dict(model_args, data_args, mlm_args, training_args)
-    resume_from = train_utils.prepare_output_dir(training_args, data_args, "run_mlm", config_dict)
+    resume_from = train_utils.prepare_output_dir(training_args, data_args, "run_mlm", config_dict, given)
     set_seed(training_args.seed)
 
     # 3. Datasets
@@ -319,6 +320,7 @@ def main(argv=None):
         eval_metrics["perplexity"] = math.exp(eval_metrics["eval_loss"]) if eval_metrics["eval_loss"] < 700 else float("inf")
         train_utils.log_and_save(trainer, "eval", eval_metrics)
         metrics.update(eval_metrics)
+    train_utils.mark_finished(training_args)
     if training_args.should_log:
         start = next((h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h), None)
         before = f" (untrained: {math.exp(min(start['eval_loss'], 700)):.0f})" if start else ""

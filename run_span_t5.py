@@ -202,7 +202,7 @@ def main(argv=None):
     model_args, data_args, t5_args, training_args = parse_args(
         (ModelArguments, DataArguments, SpanT5Arguments, TrainingArguments), argv)
     given = flags_given(argv)
-    train_utils.finalize_training_args(training_args, given, "run_span_t5")
+    train_utils.finalize_training_args(training_args, given)
     apply_run_defaults(t5_args, training_args, given)
     if data_args.streaming and training_args.max_steps <= 0:
         raise UserError("--streaming needs --max_steps (a stream has no length to count epochs by)")
@@ -212,7 +212,7 @@ def main(argv=None):
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
     config_dict = to_config_dict(model_args, data_args, t5_args, training_args)
-    resume_from = train_utils.prepare_output_dir(training_args, data_args, "run_span_t5", config_dict)
+    resume_from = train_utils.prepare_output_dir(training_args, data_args, "run_span_t5", config_dict, given)
     set_seed(training_args.seed)
 
     # 3. Datasets
@@ -331,6 +331,7 @@ def main(argv=None):
         eval_metrics = trainer.evaluate()
         train_utils.log_and_save(trainer, "eval", eval_metrics)
         metrics.update(eval_metrics)
+    train_utils.mark_finished(training_args)
     if training_args.should_log:
         start = next((h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h), None)
         before = f" (untrained: {start['eval_loss']:.2f})" if start else ""

@@ -5,6 +5,7 @@ Nothing here changes a model; nothing here is a place students are expected to e
 """
 
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -40,10 +41,8 @@ def setup_logging(training_args):
     transformers.utils.logging.set_verbosity(library_level)
 
 
-def finalize_training_args(training_args, given, script_name):
+def finalize_training_args(training_args, given):
     """Defaults that depend on the run rather than on one flag. `given`: arguments.flags_given(argv)."""
-    if "output_dir" not in given and training_args.output_dir in (None, "trainer_output"):
-        training_args.output_dir = os.path.join("outputs", f"{script_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.environ.get("WANDB_SWEEP_ID") and "report_to" not in given and training_args.report_to in ([], ["none"], "none", None):
         training_args.report_to = ["wandb"]  # launched by `wandb agent`: the sweep needs the metrics in W&B
     # transformers turns do_eval on by itself for any --eval_strategy but "no": that alone asks for no eval-only run
@@ -109,18 +108,41 @@ def find_resume_checkpoint(output_dir):
     return None
 
 
-def prepare_output_dir(training_args, data_args, script_name, config=None):
-    """Check output_dir, write run_info.json (command line and settings, tokens hidden) into it, and return the
-    checkpoint to resume from: --resume_from_checkpoint, else the newest complete one unless
-    --overwrite_output_dir. A folder holding files we did not write is refused; nothing is ever deleted."""
+# Flags that change where or how a run reports, not what it computes: left out of the default folder's name.
+NOT_DEFINING = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "run_name", "project",
+                "logging_steps", "logging_strategy", "logging_first_step", "log_level", "log_level_replica",
+                "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "eval_steps", "eval_on_start",
+                "dataloader_num_workers", "preprocessing_num_workers", "overwrite_cache", "cache_dir",
+                "push_to_hub", "hub_model_id", "hub_token", "token", "peak_tflops", "ddp_timeout"}
+
+
+def default_output_dir(script_name, config, given):
+    """Where a run without --output_dir writes: the sweep agent's trial folder (SWEEP_TRIAL_DIR), else
+    outputs/<script>-<hash of the settings the user gave that define the run>, so running the same command
+    again finds the same folder and resumes. Under `wandb agent`, each W&B run id gets its own folder."""
+    if os.environ.get("SWEEP_TRIAL_DIR"):
+        return os.environ["SWEEP_TRIAL_DIR"]
+    settings = {name: config.get(name) for name in sorted(given - NOT_DEFINING)}
+    settings["wandb_run_id"] = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return os.path.join("outputs", f"{script_name}-{digest}")
+
+
+def prepare_output_dir(training_args, data_args, script_name, config, given):
+    """Settle output_dir (default_output_dir unless --output_dir), check it, write run_info.json (command line
+    and settings, tokens hidden) into it, and return the checkpoint to resume from: --resume_from_checkpoint,
+    else the newest complete one unless --overwrite_output_dir. A run that already finished says so and exits 0.
+    A folder holding files we did not write is refused; nothing is ever deleted."""
+    if "output_dir" not in given:
+        training_args.output_dir = config["output_dir"] = default_output_dir(script_name, config, given)
     out = training_args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_dir {out!r} is a file; give a folder path")
     # A sweep trial's own folder (sweep.py sets SWEEP_TRIAL_DIR) holds the agent's command, log and metrics files.
     trial_dir = os.environ.get("SWEEP_TRIAL_DIR")
     agents_folder = bool(trial_dir) and os.path.realpath(out) == os.path.realpath(trial_dir)
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, RUN_MARKER)) \
-            and not agents_folder:
+    marker = os.path.join(out, RUN_MARKER)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(marker) and not agents_folder:
         raise UserError(f"--output_dir {out!r} holds files this script did not write; choose an empty or new --output_dir")
     explicit = training_args.resume_from_checkpoint
     if explicit:
@@ -133,16 +155,46 @@ def prepare_output_dir(training_args, data_args, script_name, config=None):
     elif data_args.overwrite_output_dir or not training_args.do_train:
         checkpoint = None
     else:
+        _exit_if_finished(marker, script_name, config)
         checkpoint = find_resume_checkpoint(out)
         if checkpoint:
             logger.info("Resuming from %s (pass --overwrite_output_dir to start fresh)", checkpoint)
     if training_args.process_index == 0:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, RUN_MARKER), "w", encoding="utf-8") as f:
+        with open(marker, "w", encoding="utf-8") as f:
             info = {"script": script_name, "argv": _redacted(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "config": config or {}}
+                    "config": config}
             json.dump(info, f, indent=2, default=str)
     return checkpoint
+
+
+def _comparable(config):
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_DEFINING}, default=str))
+
+
+def _exit_if_finished(marker, script_name, config):
+    """The same run finished here before: say where its results are and exit 0 instead of training again."""
+    try:
+        with open(marker, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return
+    if info.get("finished") and info.get("script") == script_name and _comparable(info.get("config", {})) == _comparable(config):
+        out = os.path.dirname(marker)
+        print(f"This run already finished ({info['finished']}): model in {out}, results in "
+              f"{os.path.join(out, 'all_results.json')}. Pass --overwrite_output_dir to train it again.", flush=True)
+        raise SystemExit(0)
+
+
+def mark_finished(training_args):
+    """Record in run_info.json that the run completed, so running the same command again says so."""
+    marker = os.path.join(training_args.output_dir, RUN_MARKER)
+    if training_args.do_train and training_args.process_index == 0 and os.path.exists(marker):
+        with open(marker, encoding="utf-8") as f:
+            info = json.load(f)
+        info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(marker, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2, default=str)
 
 
 def _redacted(argv):

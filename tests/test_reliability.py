@@ -189,3 +189,80 @@ def test_bf16_without_bf16_units_warns_once_naming_fp32_and_runs(tmp_path, text_
     assert warnings == ([] if bf16_units else [
         "warning: --bf16 on a CPU without bf16 matrix units (AVX512-BF16 or AMX) runs several times slower than "
         "fp32; drop --bf16 for speed"])
+
+
+def no_output_dir(args):
+    return [a for a in args if not a.startswith("--output_dir")]
+
+
+def test_the_same_command_without_output_dir_finds_its_folder_and_resumes(tmp_path, text_corpus, monkeypatch, capsys):
+    """Without --output_dir the folder is named by the script and the settings given, so the same command, rerun
+    after a stop, resumes there; rerun after the end, it says the run finished; --overwrite_output_dir trains again."""
+    args = no_output_dir(mlm_args(tmp_path, text_corpus, "unused"))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    run_mlm.main(args)
+    (folder,) = (tmp_path / "a" / "outputs").iterdir()
+    reference = final_loss(folder)
+
+    monkeypatch.chdir(tmp_path / "b")
+    interrupt(run_mlm.main, args, 3, signal.SIGINT, monkeypatch)
+    run_mlm.main(args)
+    assert [p.name for p in (tmp_path / "b" / "outputs").iterdir()] == [folder.name]
+    assert final_loss(tmp_path / "b" / "outputs" / folder.name) == pytest.approx(reference, abs=1e-4)
+    history = json.loads((tmp_path / "b" / "outputs" / folder.name / "trainer_state.json").read_text())["log_history"]
+    assert min(h["step"] for h in history if "loss" in h) == 1  # the resumed run kept the first 4 steps' logs
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_mlm.main(args)
+    assert exit_info.value.code == 0
+    assert "This run already finished" in capsys.readouterr().out
+
+    run_mlm.main(args + ["--overwrite_output_dir"])  # starts fresh: all 8 steps trained again, same result
+    assert final_loss(tmp_path / "b" / "outputs" / folder.name) == pytest.approx(reference, abs=1e-4)
+
+
+def test_default_folder_depends_on_the_settings_given_not_their_order():
+    config = {"learning_rate": 1e-3, "seed": 7, "logging_steps": 5, "output_dir": "trainer_output"}
+    name = train_utils.default_output_dir("run_mlm", config, {"learning_rate", "seed"})
+    assert name.startswith(os.path.join("outputs", "run_mlm-"))
+    assert train_utils.default_output_dir("run_mlm", config, {"seed", "learning_rate", "logging_steps"}) == name
+    assert train_utils.default_output_dir("run_mlm", dict(config, seed=8), {"learning_rate", "seed"}) != name
+    assert train_utils.default_output_dir("run_span_t5", config, {"learning_rate", "seed"}) != name
+
+
+@pytest.mark.slow
+def test_readme_main_command_interrupted_by_ctrl_c_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
+    """The README's `python run_mlm.py`, stopped with Ctrl-C during training and run again exactly as written,
+    resumes and ends with the eval perplexity of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = os.path.join(ROOT, "run_mlm.py")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def perplexity(cwd):
+        (folder,) = (cwd / "outputs").iterdir()
+        return json.loads((folder / "all_results.json").read_text())["perplexity"], folder.name
+
+    for name in ("straight", "cut"):
+        (tmp_path / name).mkdir()
+    subprocess.run([sys.executable, script], cwd=tmp_path / "straight", env=env, check=True, capture_output=True)
+    cut = subprocess.Popen([sys.executable, script], cwd=tmp_path / "cut", env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in cut.stdout:  # the first loss log: training is under way
+        if "'loss'" in line:
+            cut.send_signal(signal.SIGINT)
+            break
+    output = line + cut.stdout.read()
+    assert cut.wait() == 128 + signal.SIGINT, output
+    assert "Run the same command again to resume" in output
+    again = subprocess.run([sys.executable, script], cwd=tmp_path / "cut", env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "Resuming from" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    (straight, straight_name), (resumed, resumed_name) = perplexity(tmp_path / "straight"), perplexity(tmp_path / "cut")
+    print(f"README command: uninterrupted perplexity {straight:.4f}, interrupted and rerun {resumed:.4f}")
+    assert straight_name == resumed_name
+    assert resumed == pytest.approx(straight, rel=1e-4)
