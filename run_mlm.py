@@ -232,7 +232,8 @@ def main(argv=None):
         config.vocab_size = len(tokenizer)
         config.pad_token_id = tokenizer.pad_token_id
         model = AutoModelForMaskedLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
-        train_utils.logger.info("Training from scratch: %.1fM parameters", model.num_parameters() / 1e6)
+        train_utils.logger.info("%s: %.1fM parameters", "Model from config, weights from the checkpoint" if resume_from
+                                else "Training from scratch", model.num_parameters() / 1e6)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     sparse_head = mlm_args.sparse_mlm_head and enable_sparse_mlm_head(model)

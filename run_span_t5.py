@@ -258,7 +258,8 @@ def main(argv=None):
         model = AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         if getattr(config, "scale_decoder_outputs", True) is False:
             untie_output_layer(model)
-        train_utils.logger.info("Training from scratch: %.1fM parameters", model.num_parameters() / 1e6)
+        train_utils.logger.info("%s: %.1fM parameters", "Model from config, weights from the checkpoint" if resume_from
+                                else "Training from scratch", model.num_parameters() / 1e6)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     raw_length, target_length = collator.raw_length, collator.target_length

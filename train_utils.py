@@ -51,6 +51,10 @@ def finalize_training_args(training_args, given):
         training_args.do_train = training_args.do_eval = True  # nothing asked for: do the whole job
     if "logging_steps" not in given:
         training_args.logging_steps = 0.02  # a fraction of the steps: ~50 loss logs a run (every step if shorter)
+    if "ddp_find_unused_parameters" not in given and training_args.ddp_find_unused_parameters is None:
+        # transformers searches every step for weights the step did not use, and warns when it finds none: the
+        # models here use all their weights (set it true for one that does not; DDP's error then says so).
+        training_args.ddp_find_unused_parameters = False
     if training_args.include_num_input_tokens_seen in ("no", False):
         training_args.include_num_input_tokens_seen = "all"  # feeds train/tokens_per_second and train/mfu
     if not torch.cuda.is_available():
@@ -364,9 +368,23 @@ def _guard_loss(trainer):
     trainer.training_step = training_step
 
 
+def _skip_tied_weights_in_resume_warning(trainer):
+    """On resume transformers warns that tied weights (BERT's output layer, T5's embeddings) are missing from the
+    checkpoint, though they are saved once, under the weight they share (huggingface/transformers#27972)."""
+    original = trainer._issue_warnings_after_load
+
+    def issue_warnings_after_load(load_result):
+        tied = getattr(trainer.accelerator.unwrap_model(trainer.model), "all_tied_weights_keys", None) or {}
+        return original(load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied]))
+
+    trainer._issue_warnings_after_load = issue_warnings_after_load
+
+
 def train(trainer, resume_from_checkpoint=None):
     """trainer.train() that stops cleanly on a signal (PreemptionCallback; then exits with 128 + signal number, so
-    a scheduler can rerun the same command to resume) and stops with a hint when the loss turns NaN/inf."""
+    a scheduler can rerun the same command to resume), stops with a hint when the loss turns NaN/inf, and does
+    not warn that tied weights are missing when it resumes (_skip_tied_weights_in_resume_warning)."""
+    _skip_tied_weights_in_resume_warning(trainer)
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
     if hasattr(trainer.data_collator, "batch_seeds"):

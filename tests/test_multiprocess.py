@@ -180,6 +180,7 @@ def test_two_processes_match_one_with_the_same_global_batch(script, launcher, da
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=LAUNCH_TIMEOUT,
                           env=launch_env(SWEEP_METRICS_FILE=str(multi.sweep_file)))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "find_unused_parameters=True" not in proc.stdout + proc.stderr  # DDP's search is off: all weights used
     assert_written_once(multi, single, proc.stdout)
 
     one, two = history(single.out), history(multi.out)

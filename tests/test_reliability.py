@@ -266,3 +266,15 @@ def test_readme_main_command_interrupted_by_ctrl_c_and_rerun_ends_like_an_uninte
     print(f"README command: uninterrupted perplexity {straight:.4f}, interrupted and rerun {resumed:.4f}")
     assert straight_name == resumed_name
     assert resumed == pytest.approx(straight, rel=1e-4)
+
+
+@pytest.mark.parametrize("script", ["run_mlm", "run_span_t5"])
+def test_a_resumed_run_says_it_resumes_without_false_warnings(tmp_path, text_corpus, monkeypatch, caplog, script):
+    """No 'Training from scratch' and no 'missing keys' for tied weights (saved once, under the shared weight)."""
+    main = __import__(script).main
+    args = script_args(script, tmp_path, text_corpus, "cut", "--do_train")
+    interrupt(main, args, 3, signal.SIGTERM, monkeypatch)
+    caplog.clear()
+    main(args)
+    assert "Resuming from" in caplog.text
+    assert "Training from scratch" not in caplog.text and "missing keys" not in caplog.text, caplog.text
