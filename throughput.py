@@ -134,7 +134,8 @@ def cpu_peak_flops(dtype, size=2048, seconds=1.0):
 
 class ThroughputCallback(TrainerCallback):
     """Adds train/tokens_per_second and train/mfu to every training log; tokens are those the Trainer counted
-    (`include_num_input_tokens_seen`), exact under gradient accumulation and several processes. Adds
+    (`include_num_input_tokens_seen`), exact under gradient accumulation and several processes. The summary logged
+    when training ends gets peak_memory_mb and loses transformers' train_tokens_per_second (one tokens/s key). Adds
     train/seconds_to_first_step once: from the process start to the end of its first optimizer step (imports,
     data, tokenizer, model set-up, one step), the fixed cost every sweep trial pays."""
 
@@ -156,6 +157,9 @@ class ThroughputCallback(TrainerCallback):
                 logger.info("First training step done %.1f s after the process started", self._first_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "train_runtime" in logs:  # the summary logged when training ends
+            logs.pop("train_tokens_per_second", None)  # a run-long average beside ours: one tokens/s key in W&B
+            logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
         if logs is None or "loss" not in logs or self._last is None:
             return
         added = {}

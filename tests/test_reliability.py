@@ -278,3 +278,28 @@ def test_a_resumed_run_says_it_resumes_without_false_warnings(tmp_path, text_cor
     main(args)
     assert "Resuming from" in caplog.text
     assert "Training from scratch" not in caplog.text and "missing keys" not in caplog.text, caplog.text
+
+
+def test_wandb_gets_peak_memory_and_one_tokens_per_second_key(tmp_path, text_corpus, monkeypatch):
+    """What an offline W&B run is given: train/peak_memory_mb (as the README says) and train/tokens_per_second,
+    not transformers' train/train_tokens_per_second beside it."""
+    import wandb
+
+    logged = {}
+    original_log = wandb.sdk.wandb_run.Run.log
+
+    def log(run, data, *args, **kwargs):
+        logged.update(data)
+        return original_log(run, data, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", log)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = [a for a in mlm_args(tmp_path, text_corpus, "out") if a != "--report_to=none"]
+    try:
+        run_mlm.main(args + ["--report_to=wandb", "--do_train"])
+    finally:
+        wandb.finish()
+    assert logged["train/peak_memory_mb"] > 0 and logged["train/tokens_per_second"] > 0
+    assert not [key for key in logged if key.endswith("train_tokens_per_second")], sorted(logged)
