@@ -176,7 +176,7 @@ def main(argv=None):
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
     config_dict = to_config_dict(model_args, data_args, glue_args, training_args)
-    resume_from = train_utils.prepare_output_dir(training_args, data_args, "fine_tune_glue", config_dict, given)
+    resume_from, run_info = train_utils.prepare_output_dir(training_args, data_args, "fine_tune_glue", config_dict, given)
     set_seed(training_args.seed)
 
     # 3. Datasets
@@ -310,7 +310,8 @@ def main(argv=None):
         processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
     )
     flops = throughput.transformer_flops_per_token(model, max_seq_length, head_fraction=0.0)  # no vocabulary head
-    train_utils.prepare_trainer(trainer, config_dict, flops, throughput.peak_flops(training_args, model_args.peak_tflops))
+    peak = throughput.peak_flops(training_args, model_args.peak_tflops)
+    train_utils.prepare_trainer(trainer, config_dict, flops, peak, run_info)
     trainer.add_callback(glue_data.SaveOnEvalCallback())
 
     # 8. Train

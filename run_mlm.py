@@ -10,8 +10,9 @@ Runnable commands:
     python run_mlm.py config.yaml --learning_rate 1e-4  # flags from a .json/.yaml file, CLI wins
     torchrun --nproc_per_node 2 run_mlm.py ...           # or: accelerate launch run_mlm.py ...
 
-A rerun with the same --output_dir resumes from the newest complete checkpoint (--overwrite_output_dir
-starts fresh). Results go to output_dir/all_results.json; `main(argv)` returns the same dict.
+The same command run again resumes from the newest complete checkpoint (without --output_dir the folder is
+outputs/<script>-<hash of the settings given>; --overwrite_output_dir starts fresh). Results go to
+output_dir/all_results.json; `main(argv)` returns the same dict.
 """
 
 import math
@@ -201,7 +202,7 @@ def main(argv=None):
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
     config_dict = to_config_dict(model_args, data_args, mlm_args, training_args)
-    resume_from = train_utils.prepare_output_dir(training_args, data_args, "run_mlm", config_dict, given)
+    resume_from, run_info = train_utils.prepare_output_dir(training_args, data_args, "run_mlm", config_dict, given)
     set_seed(training_args.seed)
 
     # 3. Datasets
@@ -268,10 +269,13 @@ def main(argv=None):
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = data_utils.cached_map(raw_datasets.with_format("arrow"), tokenize, key, model_args.cache_dir,
                                           data_args.overwrite_cache, **map_args).with_format(None)
+    tokenized = data_utils.hold_out_from_stream(tokenized, data_args)
     train_dataset = data_utils.take_at_most(tokenized["train"] if training_args.do_train else None,
                                             data_args.max_train_samples)
     eval_dataset = data_utils.take_at_most(tokenized["validation"] if training_args.do_eval else None,
                                            data_args.max_eval_samples)
+    data_utils.require_blocks({"train": train_dataset, "validation": eval_dataset}, raw_datasets, text_column,
+                              tokenizer, data_args, max_seq_length)
 
     # 6. Collator and metrics
     # ADAPT: the masking settings (FastMLMCollator above) and the metrics (compute_metrics).
@@ -302,7 +306,8 @@ def main(argv=None):
     )
     flops = throughput.transformer_flops_per_token(
         model, max_seq_length, head_fraction=mlm_args.mlm_probability if sparse_head else 1.0)
-    train_utils.prepare_trainer(trainer, config_dict, flops, throughput.peak_flops(training_args, model_args.peak_tflops))
+    peak = throughput.peak_flops(training_args, model_args.peak_tflops)
+    train_utils.prepare_trainer(trainer, config_dict, flops, peak, run_info)
 
     # 8. Train
     metrics = {}

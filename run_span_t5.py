@@ -13,8 +13,9 @@ Runnable commands:
     python run_span_t5.py config.yaml --learning_rate 1e-2  # flags from a .json/.yaml file, CLI wins
     torchrun --nproc_per_node 2 run_span_t5.py ...       # or: accelerate launch run_span_t5.py ...
 
-A rerun with the same --output_dir resumes from the newest complete checkpoint (--overwrite_output_dir
-starts fresh). Results go to output_dir/all_results.json; `main(argv)` returns the same dict.
+The same command run again resumes from the newest complete checkpoint (without --output_dir the folder is
+outputs/<script>-<hash of the settings given>; --overwrite_output_dir starts fresh). Results go to
+output_dir/all_results.json; `main(argv)` returns the same dict.
 """
 
 import json
@@ -212,7 +213,7 @@ def main(argv=None):
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
     config_dict = to_config_dict(model_args, data_args, t5_args, training_args)
-    resume_from = train_utils.prepare_output_dir(training_args, data_args, "run_span_t5", config_dict, given)
+    resume_from, run_info = train_utils.prepare_output_dir(training_args, data_args, "run_span_t5", config_dict, given)
     set_seed(training_args.seed)
 
     # 3. Datasets
@@ -287,10 +288,13 @@ def main(argv=None):
         # numpy rows reach the collator as arrays: one np.stack per batch instead of converting Python ints.
         tokenized = data_utils.cached_map(raw_datasets.with_format("arrow"), tokenize_and_pack, key, model_args.cache_dir,
                                           data_args.overwrite_cache, **map_args).with_format("numpy")
+    tokenized = data_utils.hold_out_from_stream(tokenized, data_args)
     train_dataset = data_utils.take_at_most(tokenized["train"] if training_args.do_train else None,
                                             data_args.max_train_samples)
     eval_dataset = data_utils.take_at_most(tokenized["validation"] if training_args.do_eval else None,
                                            data_args.max_eval_samples)
+    data_utils.require_blocks({"train": train_dataset, "validation": eval_dataset}, raw_datasets, text_column,
+                              tokenizer, data_args, f"{raw_length} (the text that corrupts to --max_seq_length {max_seq_length})")
 
     # 6. Collator and metrics. ADAPT: what is measured.
     accuracy = evaluate.load(os.path.join(HERE, "metrics", "mlm_accuracy"))
@@ -314,7 +318,8 @@ def main(argv=None):
     )
     # The Trainer counts encoder input tokens (input_ids), so FLOPs are per input token, decoder work included.
     flops = throughput.encoder_decoder_flops_per_token(model, max_seq_length, target_length)
-    train_utils.prepare_trainer(trainer, config_dict, flops, throughput.peak_flops(training_args, model_args.peak_tflops))
+    peak = throughput.peak_flops(training_args, model_args.peak_tflops)
+    train_utils.prepare_trainer(trainer, config_dict, flops, peak, run_info)
 
     # 8. Train
     metrics = {}

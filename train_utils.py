@@ -133,10 +133,11 @@ def default_output_dir(script_name, config, given):
 
 
 def prepare_output_dir(training_args, data_args, script_name, config, given):
-    """Settle output_dir (default_output_dir unless --output_dir), check it, write run_info.json (command line
-    and settings, tokens hidden) into it, and return the checkpoint to resume from: --resume_from_checkpoint,
-    else the newest complete one unless --overwrite_output_dir. A run that already finished says so and exits 0.
-    A folder holding files we did not write is refused; nothing is ever deleted."""
+    """Settle output_dir (default_output_dir unless --output_dir) and check it. Returns the checkpoint to resume
+    from (--resume_from_checkpoint, else the newest complete one unless --overwrite_output_dir) and the run's
+    record for run_info.json (command line and settings, tokens hidden; prepare_trainer writes it). A run that
+    already finished says so and exits 0. A folder holding files we did not write is refused; nothing is ever
+    deleted."""
     if "output_dir" not in given:
         training_args.output_dir = config["output_dir"] = default_output_dir(script_name, config, given)
     out = training_args.output_dir
@@ -163,13 +164,18 @@ def prepare_output_dir(training_args, data_args, script_name, config, given):
         checkpoint = find_resume_checkpoint(out)
         if checkpoint:
             logger.info("Resuming from %s (pass --overwrite_output_dir to start fresh)", checkpoint)
+    run_info = {"script": script_name, "argv": _redacted(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "config": json.loads(json.dumps(config, default=str))}
+    return checkpoint, run_info
+
+
+def write_run_info(training_args, run_info):
+    """Create output_dir and write run_info.json: only once the Trainer is ready, so a run stopped by an error
+    before (bad data, a bad flag) leaves no folder behind."""
     if training_args.process_index == 0:
-        os.makedirs(out, exist_ok=True)
-        with open(marker, "w", encoding="utf-8") as f:
-            info = {"script": script_name, "argv": _redacted(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "config": config}
-            json.dump(info, f, indent=2, default=str)
-    return checkpoint
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(os.path.join(training_args.output_dir, RUN_MARKER), "w", encoding="utf-8") as f:
+            json.dump(run_info, f, indent=2)
 
 
 def _comparable(config):
@@ -259,9 +265,12 @@ def match_loss_scaling(trainer):
         trainer.model_accepts_loss_kwargs = False
 
 
-def prepare_trainer(trainer, config, flops_per_token=None, peak=None):
-    """Attach our callbacks (throughput first, so its figures reach W&B and the console) and match the Trainer's
-    loss scaling to the model (match_loss_scaling). Every script calls this before training or evaluating."""
+def prepare_trainer(trainer, config, flops_per_token=None, peak=None, run_info=None):
+    """Attach our callbacks (throughput first, so its figures reach W&B and the console), match the Trainer's
+    loss scaling to the model (match_loss_scaling) and write run_info.json (from prepare_output_dir). Every
+    script calls this before training or evaluating."""
+    if run_info is not None:
+        write_run_info(trainer.args, run_info)
     match_loss_scaling(trainer)
     trainer.callback_handler.callbacks.insert(0, throughput.ThroughputCallback(flops_per_token, peak))
     trainer.add_callback(RunConfigCallback(config))

@@ -29,6 +29,8 @@ def files(tmp_path_factory, text_corpus):
     """User files the cases point at; their bytes are checked after every case."""
     d = tmp_path_factory.mktemp("user_files")
     (d / "empty.txt").write_text("")
+    (d / "short.txt").write_text("the cat sat\n")
+    (d / "one_line.txt").write_text("a single line of text that is long enough to fill a block " * 20 + "\n")
     (d / "latin1.txt").write_bytes("caf\xe9 au lait, na\xefve r\xe9sum\xe9\n".encode("latin-1") * 50)
     (d / "data.xlsx").write_bytes(b"PK\x03\x04 not really a spreadsheet")
     (d / "a_folder.txt").mkdir()
@@ -132,6 +134,14 @@ CASES = [
      ["MRPC", "mrpc folder", "--task_name mrpc"]),
     ("train/eval flag misspelled", "run_mlm", ["--per_device_batch_size=8"],
      ["did you mean --per_device_train_batch_size (or --per_device_eval_batch_size)?"]),
+    ("validation file shorter than one block", "run_mlm", ["--train_file={d}/train.txt", "--validation_file={d}/short.txt"],
+     ["--validation_file", "short.txt", "tokens, fewer than one block of 32", "--max_seq_length"]),
+    ("training file shorter than one block (T5)", "run_span_t5", ["--train_file={d}/short.txt", "--validation_file={d}/valid.txt"],
+     ["--train_file", "short.txt", "tokens, fewer than one block of", "--max_seq_length"]),
+    ("streamed training file shorter than one block", "run_mlm", ["--train_file={d}/short.txt", "--streaming", "--max_steps=3"],
+     ["--train_file", "short.txt", "fewer than one block of 32"]),
+    ("one-line training file, no validation file", "run_mlm", ["--train_file={d}/one_line.txt"],
+     ["1 example", "--validation_file"]),
     ("sweep: bad method", "sweep", ["{d}/bad_method.yaml"], ["method", "bayes"]),
     ("sweep: bad distribution", "sweep", ["{d}/bad_distribution.yaml"], ["loguniform", "log_uniform_values"]),
     ("sweep: metric name missing", "sweep", ["{d}/no_metric.yaml"], ["metric"]),
@@ -174,6 +184,8 @@ def test_bad_input(case, script, args, words, files, tmp_path, monkeypatch):
         assert word.lower() in message.lower(), f"{case}: {word!r} not in {message!r}"
     assert snapshot(files) == before, "a user file was changed or deleted"
     assert not list(out.rglob("trainer_state.json")) and not list(out.rglob("checkpoint-*")), "training had started"
+    if script != "sweep" and "output_dir" not in case:
+        assert not out.exists(), "a failed run left a folder behind"
 
 
 @pytest.mark.parametrize("script,args", [

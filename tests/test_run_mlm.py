@@ -475,3 +475,11 @@ def test_sparse_mlm_head_gives_the_dense_heads_loss_gradients_and_predictions():
         predictions = sparse(input_ids=input_ids, labels=labels).logits
         wanted = torch.where(labels != -100, dense(input_ids=input_ids).logits.argmax(-1), -100)
     assert torch.equal(predictions, wanted)
+
+
+def test_a_stream_without_validation_data_holds_out_its_first_blocks(tmp_path, text_corpus):
+    """--max_eval_samples counts blocks held out of the stream after packing, so a few short texts never leave
+    evaluation empty (it used to hold out that many texts: 2 lines packed to no block, and evaluation crashed)."""
+    metrics = run_mlm.main([*TINY_BERT, f"--output_dir={tmp_path / 'out'}", f"--train_file={text_corpus / 'train.txt'}",
+                            "--streaming", "--max_steps=3", "--max_eval_samples=2", "--do_train", "--do_eval"])
+    assert math.isfinite(metrics["eval_loss"]) and metrics["eval_accuracy"] >= 0
