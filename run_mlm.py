@@ -150,11 +150,12 @@ class FastMLMCollator(DataCollatorForLanguageModeling):
 
 
 # ADAPT: the loss, in `forward` below (label smoothing, weighting, another objective on the masked positions).
-def enable_sparse_mlm_head(model):
+def enable_sparse_mlm_head(model, label_smoothing=0.0):
     """Replace this model's forward with one that runs the MLM head only at masked positions (as crammed BERT and
     MosaicBERT do): with a 30k vocabulary the output layer costs more than the encoder, yet ~15% of positions
     carry a label. Weights and saved format are untouched. In evaluation `logits` are the argmax ids at labelled
-    positions (-100 elsewhere), so metrics never hold full-vocabulary logits; training returns the loss alone;
+    positions (-100 elsewhere), so metrics never hold full-vocabulary logits; training returns the loss alone,
+    with `label_smoothing` applied (evaluation reports the plain cross-entropy, so perplexity is exp of it);
     without labels, ordinary logits. Returns False (changing nothing) when the head is not one module beside
     the encoder."""
 
@@ -175,10 +176,11 @@ def enable_sparse_mlm_head(model):
         logits = head(hidden[selected]).float()  # (masked tokens, vocab); float32 for a stable softmax
         targets = labels[selected]
         # ADAPT: the loss. With gradient accumulation, normalise by the tokens of the whole step.
+        smoothing = label_smoothing if model.training else 0.0
         if num_items_in_batch is not None:
-            loss = F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch
+            loss = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=smoothing) / num_items_in_batch
         else:
-            loss = F.cross_entropy(logits, targets)
+            loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
         if model.training:  # the Trainer reads only the loss of a training step; an argmax is ~1.5% of a CPU step
             return MaskedLMOutput(loss=loss)
         predictions = torch.full_like(labels, -100)
@@ -237,7 +239,7 @@ def main(argv=None):
                                 else "Training from scratch", model.num_parameters() / 1e6)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    sparse_head = mlm_args.sparse_mlm_head and enable_sparse_mlm_head(model)
+    sparse_head = mlm_args.sparse_mlm_head and enable_sparse_mlm_head(model, training_args.label_smoothing_factor)
 
     # 5. Preprocessing
     # ADAPT: the preprocessing, how text becomes training examples (tokenize, then pack or keep lines).
@@ -304,6 +306,8 @@ def main(argv=None):
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=argmax_logits if training_args.do_eval else None,
     )
+    if sparse_head:  # it smooths the labels itself, at the masked positions only, and keeps its speed
+        trainer.label_smoother = None
     flops = throughput.transformer_flops_per_token(
         model, max_seq_length, head_fraction=mlm_args.mlm_probability if sparse_head else 1.0)
     peak = throughput.peak_flops(training_args, model_args.peak_tflops)

@@ -279,16 +279,22 @@ def prepare_trainer(trainer, config, flops_per_token=None, peak=None, run_info=N
 
 
 class IsolatedEvalTrainer(transformers.Trainer):
-    """transformers' Trainer whose evaluation leaves torch's random state as it was (each DataLoader draws from
-    it when it starts) and draws the collator's masks from a stream of their own, from its start each time
-    (data_utils.BatchSeeds.evaluation): the same weights always score the same, and evaluating during training
-    changes no training step, so a resumed run stays exact."""
+    """transformers' Trainer whose evaluation is kept apart from training. It leaves torch's random state as it
+    was (each DataLoader draws from it when it starts) and draws the collator's masks from a stream of their own,
+    from its start each time (data_utils.BatchSeeds.evaluation): the same weights always score the same, and
+    evaluating during training changes no training step, so a resumed run stays exact. Its loss is the model's
+    plain cross-entropy, never label-smoothed (--label_smoothing_factor is for training), so perplexity is exp
+    of the eval loss."""
 
     def evaluate(self, *args, **kwargs):
         seeds = getattr(self.data_collator, "batch_seeds", None)
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            with seeds.evaluation() if seeds is not None else contextlib.nullcontext():
-                return super().evaluate(*args, **kwargs)
+        smoother, self.label_smoother = self.label_smoother, None
+        try:
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                with seeds.evaluation() if seeds is not None else contextlib.nullcontext():
+                    return super().evaluate(*args, **kwargs)
+        finally:
+            self.label_smoother = smoother
 
 
 def log_and_save(trainer, split, metrics):

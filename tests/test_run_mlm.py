@@ -483,3 +483,21 @@ def test_a_stream_without_validation_data_holds_out_its_first_blocks(tmp_path, t
     metrics = run_mlm.main([*TINY_BERT, f"--output_dir={tmp_path / 'out'}", f"--train_file={text_corpus / 'train.txt'}",
                             "--streaming", "--max_steps=3", "--max_eval_samples=2", "--do_train", "--do_eval"])
     assert math.isfinite(metrics["eval_loss"]) and metrics["eval_accuracy"] >= 0
+
+
+def test_label_smoothing_trains_both_heads_alike_and_perplexity_stays_unsmoothed(tmp_path, text_corpus):
+    """--label_smoothing_factor used to crash evaluation with the sparse head (full logits reached the metric). The
+    sparse head now smooths at the masked positions as the Trainer does on all of them (the same training loss),
+    and evaluation reports the plain cross-entropy: the eval loss of the saved model evaluated without smoothing."""
+    smooth = ["--label_smoothing_factor=0.1", "--do_train", "--do_eval", "--seed=3"]
+    sparse = run(tmp_path, *smooth, corpus=text_corpus, name="sparse")
+    dense = run(tmp_path, *smooth, "--sparse_mlm_head=false", corpus=text_corpus, name="dense")
+    plain = run(tmp_path, "--do_train", "--seed=3", corpus=text_corpus, name="plain")
+    assert sparse["train_loss"] == pytest.approx(dense["train_loss"], abs=1e-3)
+    assert sparse["train_loss"] > plain["train_loss"] + 1e-3  # smoothing did change the training loss
+    assert sparse["eval_loss"] == pytest.approx(dense["eval_loss"], abs=1e-3)
+    assert sparse["perplexity"] == pytest.approx(math.exp(sparse["eval_loss"]))
+    tiny = [a for a in TINY_BERT if not a.startswith(("--model_type", "--config_overrides", "--tokenizer_vocab_size"))]
+    alone = run_mlm.main([*tiny, f"--model_name_or_path={tmp_path / 'sparse'}", "--do_eval", "--seed=3",
+                          f"--validation_file={text_corpus / 'validation.txt'}", f"--output_dir={tmp_path / 'alone'}"])
+    assert alone["eval_loss"] == pytest.approx(sparse["eval_loss"], abs=1e-6)
