@@ -195,6 +195,9 @@ def untie_output_layer(model):
     """
     weight = torch.empty_like(model.lm_head.weight).normal_(std=model.config.d_model**-0.5)
     model.lm_head.weight = torch.nn.Parameter(weight)
+    # Saved configs then say what the weights are, as T5 v1.1's do; transformers 5 reads the flag back as
+    # scale_decoder_outputs=false (and still warns once on loading that lm_head and the embedding differ).
+    model.config.tie_word_embeddings = False
 
 
 def main(argv=None):

@@ -255,3 +255,19 @@ def test_wikitext_loss_falls_well_below_untrained(tmp_path):
     print(f"wikitext span-corruption eval loss: {initial:.3f} at step 0 -> {final:.3f} after 150 steps, "
           f"accuracy {metrics['eval_accuracy']:.3f}")
     assert final < 0.6 * initial
+
+
+def test_saved_config_says_the_output_layer_is_untied_and_reloads_the_same_weights(tmp_path, text_corpus):
+    """T5 v1.1 has its own output layer; the saved config.json says so (tie_word_embeddings false, as T5 v1.1's
+    and configs/t5-tiny.json do; it used to say true), and the model reloads with both matrices as trained."""
+    from safetensors.torch import load_file
+
+    run(tmp_path, text_corpus)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is False
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert not model.config.scale_decoder_outputs
+    assert torch.equal(model.lm_head.weight, weights["lm_head.weight"])
+    assert torch.equal(model.shared.weight, weights["shared.weight"]) and model.encoder.embed_tokens.weight is model.shared.weight
+    assert not torch.equal(weights["lm_head.weight"], weights["shared.weight"])
