@@ -20,14 +20,16 @@ from data_utils import BatchSeeds
 
 
 def _t5_noise_counts(raw_length, noise_density, mean_noise_span_length):
-    """(noise tokens, noise spans) that T5 span corruption uses for a chunk of `raw_length` tokens."""
+    """(noise tokens, noise spans) for a chunk of `raw_length` tokens, as T5's random_spans_noise_mask counts
+    them: round(length * density) noise tokens, round(noise / mean span length) spans."""
     num_noise = int(round(raw_length * noise_density))
     # Keep at least one token on each side: with no noise there is nothing to predict, with no kept token
     # there is no context.
     num_noise = min(max(num_noise, 1), raw_length - 1)
-    # Spans alternate kept / noise, so there cannot be more spans than tokens of the scarcer kind.
-    num_nonnoise = raw_length - num_noise
-    num_spans = max(1, int(round(min(num_noise, num_nonnoise) / mean_noise_span_length)))
+    num_spans = max(1, int(round(num_noise / mean_noise_span_length)))
+    # Spans alternate kept / noise: at most one span per kept token (only reached at densities near 1), so two
+    # spans never run together.
+    num_spans = min(num_spans, raw_length - num_noise)
     return num_noise, num_spans
 
 
@@ -44,6 +46,11 @@ def compute_t5_input_and_target_lengths(inputs_length, noise_density=0.15, mean_
     Returns `(raw_length, target_length)`: group tokenized texts into chunks of `raw_length` tokens, and
     every corrupted example will have `inputs_length` encoder tokens and `target_length` decoder tokens.
     For the T5 defaults: 128 -> (141, 29), 256 -> (284, 58), 512 -> (568, 114), 1024 -> (1137, 229).
+
+    The same numbers as T5's random_spans_helper, including its noise_density 0.5 step back to equal input and
+    target lengths (128 -> (190, 128)). Where that helper counts 0 spans (short rows, long spans: 16 tokens,
+    mean span 8), the noise mask still makes one span, so the helper's length would corrupt to one token too
+    many; this walk counts as the mask does (16 -> (17, 5), not the helper's (18, 4)).
     """
     if inputs_length < 3:
         raise ValueError(f"inputs_length must be at least 3 (one kept token, one sentinel, EOS), got {inputs_length}")
@@ -61,6 +68,10 @@ def compute_t5_input_and_target_lengths(inputs_length, noise_density=0.15, mean_
     while encoder_length(raw_length + 1) <= inputs_length:
         raw_length += 1
     target_length = _t5_corrupted_lengths(raw_length, noise_density, mean_noise_span_length)[1]
+    # T5 steps back one raw token at density 0.5 when targets come out longer than inputs.
+    if noise_density == 0.5 and target_length > inputs_length and encoder_length(raw_length - 1) == inputs_length:
+        raw_length -= 1
+        target_length = _t5_corrupted_lengths(raw_length, noise_density, mean_noise_span_length)[1]
     return raw_length, target_length
 
 

@@ -48,7 +48,7 @@ def per_row_span_corruption(
         tokens = np.asarray(example["input_ids"], dtype=np.int64)
         length = len(tokens)
         num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
-        num_spans = max(1, int(round(min(num_noise, length - num_noise) / mean_noise_span_length)))
+        num_spans = min(max(1, int(round(num_noise / mean_noise_span_length))), length - num_noise)
 
         kept_lengths = random_split(length - num_noise, num_spans)
         noise_lengths = random_split(num_noise, num_spans)

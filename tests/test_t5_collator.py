@@ -45,10 +45,32 @@ def sentinel_ids(tokenizer, count):
 
 
 def t5_counts(raw_length, density=0.15, mean_span=3.0):
-    """Noise tokens and spans per row, written out independently of data_utils."""
+    """Noise tokens and spans per row as T5's random_spans_noise_mask counts them, written out independently
+    of span_corruption.py; spans capped at the kept tokens, so a kept token separates every two spans."""
     noise = min(max(int(round(raw_length * density)), 1), raw_length - 1)
-    spans = max(1, int(round(min(noise, raw_length - noise) / mean_span)))
-    return noise, spans
+    spans = max(int(round(noise / mean_span)), 1)
+    return noise, min(spans, raw_length - noise)
+
+
+def t5_random_spans_helper(inputs_length, density, mean_span):
+    """T5's random_spans_helper (t5/data/preprocessors.py), written out: (raw tokens, target length), and
+    whether T5's noise mask counts noise and spans as the helper does at the lengths the helper compared (1 to
+    `kept` spans) and, after its density-0.5 step back, still gives exactly inputs_length input tokens."""
+    def lengths(tokens):
+        noise = int(round(tokens * density))
+        spans = int(round(noise / mean_span))
+        return tokens - noise + spans + 1, noise + spans + 1, 1 <= noise < tokens and 1 <= spans <= tokens - noise
+
+    tokens = inputs_length - 1
+    while lengths(tokens + 1)[0] <= inputs_length:
+        tokens += 1
+    inputs, targets, agrees = lengths(tokens)
+    agrees = agrees and lengths(tokens + 1)[2]
+    if density == 0.5 and targets > inputs:
+        tokens, targets = tokens - 1, targets - 1
+        inputs, _, agrees_here = lengths(tokens)
+        agrees = agrees and agrees_here and inputs == inputs_length
+    return tokens, targets, agrees
 
 
 def regular_token_rows(tokenizer, rng, batch, length):
@@ -106,16 +128,35 @@ def test_lengths_table(inputs_length, expected):
     assert compute_t5_input_and_target_lengths(inputs_length) == expected
 
 
-@pytest.mark.parametrize("density, mean_span", [(0.15, 3.0), (0.3, 8.0), (0.5, 1.0)])
-def test_raw_length_is_the_largest_that_fits(density, mean_span):
+@pytest.mark.parametrize("density, mean_span", [(0.15, 3.0), (0.3, 8.0), (0.5, 3.0), (0.5, 1.0), (0.6, 3.0), (0.8, 3.0)])
+def test_lengths_are_t5s_wherever_t5s_mask_agrees_with_its_helper(density, mean_span):
+    """The lengths of T5's random_spans_helper, for every input length from 4 to 699. T5's helper and its noise
+    mask disagree where the helper counts 0 spans (the mask makes 1: lengths below 10-13 here), more spans
+    than kept tokens (density 0.8 with spans of 3, everywhere), or steps back at density 0.5 to fewer input
+    tokens than asked (1 length in 8 with spans of 3); there the raw length is the one whose corruption,
+    counted as the mask counts, is exactly the input length (or, none existing, the largest below it)."""
     def lengths(raw):
         noise, spans = t5_counts(raw, density, mean_span)
         return raw - noise + spans + 1, noise + spans + 1
 
     for n in range(4, 700):
         raw, target = compute_t5_input_and_target_lengths(n, density, mean_span)
-        assert lengths(raw)[0] <= n < lengths(raw + 1)[0]
+        t5_raw, t5_target, helper_agrees_with_mask = t5_random_spans_helper(n, density, mean_span)
+        if helper_agrees_with_mask:
+            assert (raw, target) == (t5_raw, t5_target), n
         assert target == lengths(raw)[1]
+        assert lengths(raw)[0] <= n < lengths(raw + 1)[0] or (density == 0.5 and lengths(raw)[0] == n)
+
+
+def test_t5s_own_examples():
+    """The cases the issue measured against T5: density 0.5 steps back to equal lengths; 0.6 spans average
+    about mean_noise_span_length (not fewer, longer spans); a short row with long spans corrupts to its length."""
+    assert compute_t5_input_and_target_lengths(128, 0.5) == (190, 128)
+    assert compute_t5_input_and_target_lengths(256, 0.5) == (382, 256)
+    noise, spans = t5_counts(128, 0.6)
+    assert (noise, spans) == (77, 26)  # T5: round(77 / 3) spans of 2.96 tokens on average
+    raw, target = compute_t5_input_and_target_lengths(16, 0.15, 8.0)
+    assert (raw, target) == (17, 5) and t5_random_spans_helper(16, 0.15, 8.0) == (18, 4, False)
 
 
 def test_collator_properties_over_random_lengths_and_seeds(tokenizer):
