@@ -28,6 +28,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+NEEDS = {"model": "a model (--model_name_or_path: a Hub id or folder)",
+         "data": "data (--task_name: GLUE from the Hub, or its original files with --data_dir; or --train_file and "
+                 "--validation_file)"}
+EXAMPLES = ("python fine_tune_glue.py --model_name_or_path bert-base-uncased --task_name mrpc; python fine_tune_glue.py "
+            "--model_name_or_path bert-base-uncased --train_file train.csv --validation_file dev.csv")
+if __name__ == "__main__" and len(sys.argv) == 1:  # a bare run gets its answer before the slow imports below
+    print(f"error: fine_tune_glue.py needs {' and '.join(NEEDS.values())}; e.g. {EXAMPLES}", file=sys.stderr)
+    sys.exit(2)
+
 import evaluate
 import numpy as np
 import transformers
@@ -168,8 +177,11 @@ def main(argv=None):
         # Similar lengths in a batch: little padding. Also under --pad_to_max_length, which changes the padding
         # and nothing else, so the two settings see the same batches in the same order.
         training_args.train_sampling_strategy = "group_by_length"
-    if not model_args.model_name_or_path:
-        raise UserError("--model_name_or_path is required: a pretrained model's Hub id or folder (e.g. bert-base-uncased)")
+    data = (data_args.train_file or data_args.validation_file or glue_args.test_file or data_args.dataset_name
+            or glue_args.task_name)
+    lacking = [NEEDS[part] for part, given in (("model", model_args.model_name_or_path), ("data", data)) if not given]
+    if lacking:  # all named at once: one round trip
+        raise UserError(f"fine_tune_glue.py needs {' and '.join(lacking)}; e.g. {EXAMPLES}")
     if data_args.streaming:
         raise UserError("--streaming is not supported here (classification data fits in memory); drop it")
 

@@ -142,6 +142,9 @@ CASES = [
      ["--train_file", "short.txt", "fewer than one block of 32"]),
     ("one-line training file, no validation file", "run_mlm", ["--train_file={d}/one_line.txt"],
      ["1 example", "--validation_file"]),
+    ("GLUE without model or data", "fine_tune_glue", [],
+     ["needs a model (--model_name_or_path", "and data (--task_name", "--train_file", "--model_name_or_path bert-base-uncased"]),
+    ("GLUE without a model", "fine_tune_glue", ["--task_name=mrpc"], ["needs a model (--model_name_or_path"]),
     ("sweep: bad method", "sweep", ["{d}/bad_method.yaml"], ["method", "bayes"]),
     ("sweep: bad distribution", "sweep", ["{d}/bad_distribution.yaml"], ["loguniform", "log_uniform_values"]),
     ("sweep: metric name missing", "sweep", ["{d}/no_metric.yaml"], ["metric"]),
@@ -199,3 +202,16 @@ def test_cli_prints_one_line_and_exits_2(script, args, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1, proc.stderr
+
+
+def test_bare_glue_run_answers_before_the_slow_imports(tmp_path):
+    """`python fine_tune_glue.py` alone: one error line naming everything it needs, with two commands to copy,
+    given before transformers is imported (it used to take two 11-15 s round trips: model, then data)."""
+    probe = ("import runpy, sys; sys.argv = ['fine_tune_glue.py']\n"
+             "try:\n    runpy.run_path('fine_tune_glue.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    print('exit', e.code, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.stdout.strip() == "exit 2 False", proc.stdout + proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: fine_tune_glue.py needs a model (--model_name_or_path") and "and data (" in line
+    assert line.count("python fine_tune_glue.py --model_name_or_path") == 2
