@@ -14,6 +14,7 @@ otherwise" default in the scripts reads it.
 
 import dataclasses
 import difflib
+from argparse import ArgumentDefaultsHelpFormatter
 import json
 import os
 import sys
@@ -96,7 +97,7 @@ class DataArguments:
     validation_split_percentage: int = field(default=5, metadata={
         "help": "Percent of the training data held out for evaluation when there is no validation split."})
     max_seq_length: Optional[int] = field(default=None, metadata={
-        "help": "Tokens per training example; longer text is cut. Default: the model's limit, at most 1024."})
+        "help": "Tokens per training example; longer text is cut."})
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={
         "help": "Processes for tokenization (default: one)."})
     overwrite_cache: bool = field(default=False, metadata={
@@ -143,8 +144,48 @@ LEGACY_NOTES = {
 }
 
 
+# TrainingArguments defaults the scripts change: they apply unless given, and --help shows them.
+TRAINING_DEFAULTS = {
+    "logging_steps": 0.02,  # a fraction of the steps: ~50 loss logs a run, every step in shorter runs
+    "ddp_find_unused_parameters": False,  # the models here use all their weights: skip DDP's search each step
+    "include_num_input_tokens_seen": True,  # (= "all") feeds train/tokens_per_second and train/mfu
+}
+# Defaults that depend on the run (train_utils.finalize_training_args and prepare_output_dir apply them):
+# --help states the rule instead of transformers' value.
+TRAINING_DEFAULT_RULES = {
+    "output_dir": "outputs/<script>-<hash of the settings given>, so the same command finds it again; under "
+                  "sweep.py the trial's folder",
+    "do_train": "on when none of --do_train, --do_eval, --do_predict is given",
+    "do_eval": "on when none of --do_train, --do_eval, --do_predict is given",
+    "report_to": "none; wandb when started by `wandb agent`",
+    "dataloader_pin_memory": "True on a GPU, False without one",
+    "use_cpu": "True on a machine without a GPU (so torchrun starts CPU processes in one group)",
+}
+
+
+class _HelpFormatter(ArgumentDefaultsHelpFormatter):
+    """Shows a script's own default rule (action.default_rule) where it has one; a help text that states its
+    default in words ("Default: ...") gets no "(default: None)" after it; else argparse's default."""
+
+    def _get_help_string(self, action):
+        rule = getattr(action, "default_rule", None)
+        if rule:
+            return f"{action.help or ''} (default: {rule})".replace("%", "%%")
+        return action.help if "Default:" in (action.help or "") else super()._get_help_string(action)
+
+
 class _Parser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line (UserError) instead of usage text plus exit."""
+    """HfArgumentParser whose errors are one line (UserError) instead of usage text plus exit, and whose
+    --help shows the scripts' defaults (`defaults`: values; `rules`: run-dependent defaults, in words)."""
+
+    def __init__(self, dataclass_types, defaults=None, rules=None):
+        super().__init__(dataclass_types, formatter_class=_HelpFormatter)
+        dests = {action.dest for action in self._actions}
+        self.set_defaults(**{k: v for k, v in {**TRAINING_DEFAULTS, **(defaults or {})}.items() if k in dests})
+        rules = {**TRAINING_DEFAULT_RULES, **(rules or {})}
+        for action in self._actions:
+            if action.dest in rules and action.option_strings and not action.option_strings[0].startswith("--no_"):
+                action.default_rule = rules[action.dest]
 
     def error(self, message):
         raise UserError(message)
@@ -230,10 +271,11 @@ def flags_given(argv):
     return {LEGACY_FLAGS.get(name, name) for name in names}
 
 
-def parse_args(dataclass_types, argv=None):
-    """Parse CLI flags and/or a config file into the given dataclasses (in that order)."""
+def parse_args(dataclass_types, argv=None, defaults=None, rules=None):
+    """Parse CLI flags and/or a config file into the given dataclasses (in that order). `defaults` and `rules`:
+    a script's own defaults beside TRAINING_DEFAULTS and TRAINING_DEFAULT_RULES (values; rules in words)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(dataclass_types)
+    parser = _Parser(dataclass_types, defaults, rules)
     known = _flag_names(parser)
     known_with_legacy = known + [k for k in list(LEGACY_FLAGS) if LEGACY_FLAGS[k] in known]
     argv = _expand(argv)

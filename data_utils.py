@@ -99,7 +99,7 @@ def load_data_file(path, flag, cache_dir=None, streaming=False):
 def load_raw_datasets(model_args, data_args):
     """Raw 'train' and 'validation' splits from the Hub, local files or the embedded corpus. Without validation
     data the first `validation_split_percentage` percent of train is held out, as the HF examples do (from a
-    stream, hold_out_from_stream holds out blocks after packing)."""
+    stream, packing.hold_out_from_stream holds out blocks after packing)."""
     streaming = data_args.streaming
     if data_args.dataset_name:
         raw = load_dataset(
@@ -118,7 +118,7 @@ def load_raw_datasets(model_args, data_args):
             raw["validation"] = load_data_file(validation_file, "--validation_file", model_args.cache_dir, streaming)
         raw = (IterableDatasetDict if streaming else DatasetDict)(raw)
     held_out = "validation" not in raw and "train" in raw and data_args.validation_split_percentage > 0
-    if held_out and not streaming:  # a stream has no length to take a share of: see hold_out_from_stream
+    if held_out and not streaming:  # a stream has no length to take a share of: see packing.hold_out_from_stream
         train = raw["train"]
         if len(train) < 2:
             raise UserError(f"the training data has {len(train)} example(s), too few to hold out a validation "
@@ -200,43 +200,6 @@ def cached_map(dataset, function, key_parts, cache_dir=None, overwrite=False, de
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Saved tokenized data to cache %s", path)
     return load_from_disk(path)
-
-
-def split_source(data_args, split):
-    """How the user named a split's data, for messages."""
-    if data_args.dataset_name:
-        return f"--dataset_name {data_args.dataset_name!r} split {split!r}"
-    named = data_args.train_file if split == "train" else data_args.validation_file
-    if named:
-        return f"--{split}_file {named!r}"
-    if split == "validation":
-        return f"the {data_args.validation_split_percentage}% of the training data held out for validation"
-    return "the training data"
-
-
-def hold_out_from_stream(tokenized, data_args):
-    """A stream without validation data: its first --max_eval_samples blocks (1000 unless set) become the
-    validation split and training skips them. Held out after packing, so the count is in blocks, as for data in
-    memory, and a few short texts never leave the validation split empty."""
-    if isinstance(tokenized, IterableDatasetDict) and "validation" not in tokenized and "train" in tokenized \
-            and data_args.validation_split_percentage > 0:
-        n = data_args.max_eval_samples or 1000
-        tokenized["validation"], tokenized["train"] = tokenized["train"].take(n), tokenized["train"].skip(n)
-    return tokenized
-
-
-def require_blocks(splits, raw, text_column, tokenizer, data_args, block):
-    """One clear error when a split's text is shorter than one block, so it packed to no rows: which data, how
-    many tokens it has, the block length. splits: {"train": dataset or None, ...}; a stream is checked by
-    reading its first block."""
-    for name, split in splits.items():
-        empty = split is not None and (next(iter(split), None) is None if isinstance(split, IterableDataset)
-                                       else len(split) == 0)
-        if empty:
-            tokens = sum(len(ids) for batch in batched_texts(raw.get(name, raw["train"]), text_column)
-                         for ids in tokenizer(batch)["input_ids"])
-            raise UserError(f"{split_source(data_args, name)} has {tokens} tokens, fewer than one block of "
-                            f"{block}; give more text or a smaller --max_seq_length")
 
 
 def take_at_most(dataset, count):

@@ -54,6 +54,7 @@ from transformers import (
 
 import data_utils
 import glue_data
+import run_folder
 import throughput
 import train_utils
 from arguments import DataArguments, ModelArguments, UserError, flags_given, run_cli, to_config_dict
@@ -170,13 +171,13 @@ def main(argv=None):
     # 1. Arguments
     argv = list(sys.argv[1:] if argv is None else argv)
     arg_types = (ModelArguments, DataArguments, GlueArguments, Seq2SeqTrainingArguments)
-    model_args, data_args, glue_args, training_args = glue_data.parse_args_checking_best_model(arg_types, argv)
+    # Similar lengths in a batch: little padding. Also under --pad_to_max_length, which changes the padding and
+    # nothing else, so the two settings see the same batches in the same order. 128 tokens: BERT's GLUE setting.
+    defaults = {"train_sampling_strategy": "group_by_length", "max_seq_length": 128}
+    model_args, data_args, glue_args, training_args = glue_data.parse_args_checking_best_model(
+        arg_types, argv, defaults=defaults)
     given = flags_given(argv)
     train_utils.finalize_training_args(training_args, given)
-    if "train_sampling_strategy" not in given:
-        # Similar lengths in a batch: little padding. Also under --pad_to_max_length, which changes the padding
-        # and nothing else, so the two settings see the same batches in the same order.
-        training_args.train_sampling_strategy = "group_by_length"
     data = (data_args.train_file or data_args.validation_file or glue_args.test_file or data_args.dataset_name
             or glue_args.task_name)
     lacking = [NEEDS[part] for part, given in (("model", model_args.model_name_or_path), ("data", data)) if not given]
@@ -188,7 +189,7 @@ def main(argv=None):
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
     config_dict = to_config_dict(model_args, data_args, glue_args, training_args)
-    resume_from, run_info = train_utils.prepare_output_dir(training_args, data_args, "fine_tune_glue", config_dict, given)
+    resume_from, run_info = run_folder.prepare_output_dir(training_args, data_args, "fine_tune_glue", config_dict, given)
     set_seed(training_args.seed)
 
     # 3. Datasets
@@ -224,7 +225,7 @@ def main(argv=None):
         config.label2id = {name: model_ids[i] for i, name in enumerate(names)}
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               use_fast=model_args.use_fast_tokenizer, **hub)
-    max_seq_length = data_args.max_seq_length or 128  # BERT's GLUE setting: nearly all GLUE examples fit
+    max_seq_length = data_args.max_seq_length  # 128 unless given: nearly all GLUE examples fit
     limit = min([n for n in (getattr(config, "max_position_embeddings", None), tokenizer.model_max_length)
                  if n and n < 1_000_000] or [max_seq_length])  # RoBERTa: 514 positions but 512 tokens
     if max_seq_length > limit:
@@ -361,7 +362,7 @@ def main(argv=None):
                         f.writelines(f"{i}\t{text}\n" for i, text in enumerate(prediction_texts(output.predictions)))
         train_utils.log_and_save(trainer, "predict", predict_metrics)
         metrics.update(predict_metrics)
-    train_utils.mark_finished(training_args)
+    run_folder.mark_finished(training_args)
     if training_args.should_log and f"eval_{main_metric}" in metrics:
         head = "text-to-text" if text_to_text else "regression head" if regression else "classification head"
         print(f"\nOutputs in {os.path.abspath(training_args.output_dir)}; eval {main_metric}: "

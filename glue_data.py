@@ -201,16 +201,16 @@ class SaveOnEvalCallback(TrainerCallback):
                 state.save_steps = round(args.save_steps / eval_steps) * state.eval_steps
 
 
-def parse_args_checking_best_model(dataclass_types, argv):
+def parse_args_checking_best_model(dataclass_types, argv, **parse_kwargs):
     """arguments.parse_args, then check_best_model_settings. transformers' own check of --load_best_model_at_end
     names no fix and rejects fractions such as 0.3 / 0.1 (a float remainder), so its error is set aside and
     the settings are judged here. TrainingArguments must be among the dataclasses."""
     try:
-        outputs = parse_args(dataclass_types, argv)
+        outputs = parse_args(dataclass_types, argv, **parse_kwargs)
     except UserError as err:
         if "load_best_model_at_end" not in str(err):
             raise
-        outputs = parse_args(dataclass_types, list(argv) + ["--load_best_model_at_end=false"])
+        outputs = parse_args(dataclass_types, list(argv) + ["--load_best_model_at_end=false"], **parse_kwargs)
         next(o for o in outputs if isinstance(o, transformers.TrainingArguments)).load_best_model_at_end = True
     check_best_model_settings(next(o for o in outputs if isinstance(o, transformers.TrainingArguments)))
     return outputs

@@ -39,6 +39,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 import data_utils
 import packing
+import run_folder
 import throughput
 import train_utils
 from arguments import DataArguments, ModelArguments, UserError, flags_given, parse_args, run_cli, to_config_dict
@@ -195,7 +196,8 @@ def main(argv=None):
     # 1. Arguments
     argv = list(sys.argv[1:] if argv is None else argv) or DEMO_ARGS
     model_args, data_args, mlm_args, training_args = parse_args(
-        (ModelArguments, DataArguments, MLMArguments, TrainingArguments), argv)
+        (ModelArguments, DataArguments, MLMArguments, TrainingArguments), argv,
+        rules={"max_seq_length": "the model's and tokenizer's limit, at most 1024"})
     given = flags_given(argv)
     train_utils.finalize_training_args(training_args, given)
     if data_args.streaming and training_args.max_steps <= 0:
@@ -204,7 +206,7 @@ def main(argv=None):
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
     config_dict = to_config_dict(model_args, data_args, mlm_args, training_args)
-    resume_from, run_info = train_utils.prepare_output_dir(training_args, data_args, "run_mlm", config_dict, given)
+    resume_from, run_info = run_folder.prepare_output_dir(training_args, data_args, "run_mlm", config_dict, given)
     set_seed(training_args.seed)
 
     # 3. Datasets
@@ -271,13 +273,13 @@ def main(argv=None):
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = data_utils.cached_map(raw_datasets.with_format("arrow"), tokenize, key, model_args.cache_dir,
                                           data_args.overwrite_cache, **map_args).with_format(None)
-    tokenized = data_utils.hold_out_from_stream(tokenized, data_args)
+    tokenized = packing.hold_out_from_stream(tokenized, data_args)
     train_dataset = data_utils.take_at_most(tokenized["train"] if training_args.do_train else None,
                                             data_args.max_train_samples)
     eval_dataset = data_utils.take_at_most(tokenized["validation"] if training_args.do_eval else None,
                                            data_args.max_eval_samples)
-    data_utils.require_blocks({"train": train_dataset, "validation": eval_dataset}, raw_datasets, text_column,
-                              tokenizer, data_args, max_seq_length)
+    packing.require_blocks({"train": train_dataset, "validation": eval_dataset}, raw_datasets, text_column,
+                           tokenizer, data_args, max_seq_length)
 
     # 6. Collator and metrics
     # ADAPT: the masking settings (FastMLMCollator above) and the metrics (compute_metrics).
@@ -330,7 +332,7 @@ def main(argv=None):
         eval_metrics["perplexity"] = math.exp(eval_metrics["eval_loss"]) if eval_metrics["eval_loss"] < 700 else float("inf")
         train_utils.log_and_save(trainer, "eval", eval_metrics)
         metrics.update(eval_metrics)
-    train_utils.mark_finished(training_args)
+    run_folder.mark_finished(training_args)
     if training_args.should_log:
         start = next((h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h), None)
         before = f" (untrained: {math.exp(min(start['eval_loss'], 700)):.0f})" if start else ""

@@ -33,6 +33,7 @@ from transformers.trainer_utils import SchedulerType
 
 import data_utils
 import packing
+import run_folder
 import throughput
 import train_utils
 from arguments import DataArguments, ModelArguments, UserError, flags_given, parse_args, run_cli, to_config_dict
@@ -137,8 +138,16 @@ class AdamWScale(torch.optim.Optimizer):
         return loss
 
 
+RUN_DEFAULT_RULES = {  # what --help shows for the defaults apply_run_defaults sets
+    "learning_rate": "1e-2 with --t5_optimizer adafactor, 2e-2 with adamwscale, else 5e-5",
+    "lr_scheduler_type": "cosine with --t5_optimizer adamwscale, else linear",
+    "dataloader_num_workers": "2 on a GPU, else 0",
+    "max_seq_length": "the tokenizer's limit, at most 512",
+}
+
+
 def apply_run_defaults(t5_args, training_args, given):
-    """Defaults of this recipe for the flags the user did not set."""
+    """Defaults of this recipe for the flags the user did not set (RUN_DEFAULT_RULES says them in --help)."""
     if t5_args.t5_optimizer in RECIPE_LEARNING_RATES and "learning_rate" not in given:
         training_args.learning_rate = RECIPE_LEARNING_RATES[t5_args.t5_optimizer]
     if t5_args.t5_optimizer == "adamwscale" and "lr_scheduler_type" not in given:
@@ -204,7 +213,7 @@ def main(argv=None):
     # 1. Arguments
     argv = list(sys.argv[1:] if argv is None else argv) or DEMO_ARGS
     model_args, data_args, t5_args, training_args = parse_args(
-        (ModelArguments, DataArguments, SpanT5Arguments, TrainingArguments), argv)
+        (ModelArguments, DataArguments, SpanT5Arguments, TrainingArguments), argv, rules=RUN_DEFAULT_RULES)
     given = flags_given(argv)
     train_utils.finalize_training_args(training_args, given)
     apply_run_defaults(t5_args, training_args, given)
@@ -216,7 +225,7 @@ def main(argv=None):
     # 2. Logging, seed, tracking
     train_utils.setup_logging(training_args)
     config_dict = to_config_dict(model_args, data_args, t5_args, training_args)
-    resume_from, run_info = train_utils.prepare_output_dir(training_args, data_args, "run_span_t5", config_dict, given)
+    resume_from, run_info = run_folder.prepare_output_dir(training_args, data_args, "run_span_t5", config_dict, given)
     set_seed(training_args.seed)
 
     # 3. Datasets
@@ -291,13 +300,13 @@ def main(argv=None):
         # numpy rows reach the collator as arrays: one np.stack per batch instead of converting Python ints.
         tokenized = data_utils.cached_map(raw_datasets.with_format("arrow"), tokenize_and_pack, key, model_args.cache_dir,
                                           data_args.overwrite_cache, **map_args).with_format("numpy")
-    tokenized = data_utils.hold_out_from_stream(tokenized, data_args)
+    tokenized = packing.hold_out_from_stream(tokenized, data_args)
     train_dataset = data_utils.take_at_most(tokenized["train"] if training_args.do_train else None,
                                             data_args.max_train_samples)
     eval_dataset = data_utils.take_at_most(tokenized["validation"] if training_args.do_eval else None,
                                            data_args.max_eval_samples)
-    data_utils.require_blocks({"train": train_dataset, "validation": eval_dataset}, raw_datasets, text_column,
-                              tokenizer, data_args, f"{raw_length} (the text that corrupts to --max_seq_length {max_seq_length})")
+    packing.require_blocks({"train": train_dataset, "validation": eval_dataset}, raw_datasets, text_column,
+                           tokenizer, data_args, f"{raw_length} (the text that corrupts to --max_seq_length {max_seq_length})")
 
     # 6. Collator and metrics. ADAPT: what is measured.
     accuracy = evaluate.load(os.path.join(HERE, "metrics", "mlm_accuracy"))
@@ -340,7 +349,7 @@ def main(argv=None):
         eval_metrics = trainer.evaluate()
         train_utils.log_and_save(trainer, "eval", eval_metrics)
         metrics.update(eval_metrics)
-    train_utils.mark_finished(training_args)
+    run_folder.mark_finished(training_args)
     if training_args.should_log:
         start = next((h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h), None)
         before = f" (untrained: {start['eval_loss']:.2f})" if start else ""

@@ -1,35 +1,29 @@
-"""Trainer plumbing the three scripts share: logging, run-dependent defaults, output folder and resume rules, the
+"""Trainer plumbing the three scripts share: logging, run-dependent defaults, the
 callbacks (tokens/s and MFU from throughput.py, W&B config, sweep metrics), clean stops on a signal, results files.
 
 Nothing here changes a model; nothing here is a place students are expected to edit.
 """
 
 import contextlib
-import hashlib
 import inspect
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
 import time
-import zipfile
 
 import datasets
 import torch
 import transformers
 from transformers import TrainerCallback
 
+import run_folder
 import throughput
 from arguments import UserError
 
 logger = logging.getLogger(__name__)
-
-RUN_MARKER = "run_info.json"  # written into every output_dir we use: tells our files from a user's
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
 
 def setup_logging(training_args):
     """One log format for all scripts; replicas of a multi-process run only warn."""
@@ -42,182 +36,19 @@ def setup_logging(training_args):
 
 
 def finalize_training_args(training_args, given):
-    """Defaults that depend on the run rather than on one flag. `given`: arguments.flags_given(argv)."""
+    """Defaults that depend on the run rather than on one flag (--help states them: arguments.TRAINING_DEFAULT_RULES;
+    fixed ones are parser defaults, arguments.TRAINING_DEFAULTS). `given`: arguments.flags_given(argv)."""
     if os.environ.get("WANDB_SWEEP_ID") and "report_to" not in given and training_args.report_to in ([], ["none"], "none", None):
         training_args.report_to = ["wandb"]  # launched by `wandb agent`: the sweep needs the metrics in W&B
     # transformers turns do_eval on by itself for any --eval_strategy but "no": that alone asks for no eval-only run
     asked_eval = training_args.do_eval and ("do_eval" in given or training_args.eval_strategy == "no")
     if not (training_args.do_train or asked_eval or training_args.do_predict):
         training_args.do_train = training_args.do_eval = True  # nothing asked for: do the whole job
-    if "logging_steps" not in given:
-        training_args.logging_steps = 0.02  # a fraction of the steps: ~50 loss logs a run (every step if shorter)
-    if "ddp_find_unused_parameters" not in given and training_args.ddp_find_unused_parameters is None:
-        # transformers searches every step for weights the step did not use, and warns when it finds none: the
-        # models here use all their weights (set it true for one that does not; DDP's error then says so).
-        training_args.ddp_find_unused_parameters = False
-    if training_args.include_num_input_tokens_seen in ("no", False):
-        training_args.include_num_input_tokens_seen = "all"  # feeds train/tokens_per_second and train/mfu
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per loader
         if training_args.bf16 and not throughput.cpu_has_bf16_matmul() and training_args.process_index == 0:
             print("warning: --bf16 on a CPU without bf16 matrix units (AVX512-BF16 or AMX) runs several times "
                   "slower than fp32; drop --bf16 for speed", file=sys.stderr)
-
-
-# Output folder and resume
-
-def _checkpoint_problem(path):
-    """Why a checkpoint folder cannot be resumed from (None if it looks complete)."""
-    state_file = os.path.join(path, "trainer_state.json")
-    try:
-        with open(state_file, encoding="utf-8") as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return "trainer_state.json is missing or truncated"
-    names = os.listdir(path)
-    if not any(n.endswith((".safetensors", ".bin")) and n != "training_args.bin" for n in names):
-        return "no model weights"
-    for name in names:
-        file = os.path.join(path, name)
-        if name.endswith(".safetensors"):
-            with open(file, "rb") as f:
-                header = f.read(8)
-                if len(header) < 8:
-                    return f"{name} is truncated"
-                header_len = int.from_bytes(header, "little")
-                try:
-                    meta = json.loads(f.read(header_len))
-                except ValueError:
-                    return f"{name} is truncated"
-            data_end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
-            if os.path.getsize(file) < 8 + header_len + data_end:
-                return f"{name} is truncated"
-        elif name.endswith((".pt", ".pth", ".bin")) and not zipfile.is_zipfile(file):  # torch.save writes zip files
-            return f"{name} is truncated"
-    return None
-
-
-def find_resume_checkpoint(output_dir):
-    """The newest complete checkpoint in output_dir; incomplete ones are skipped with a warning."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(name))),
-                   reverse=True)
-    for _, name in steps:
-        path = os.path.join(output_dir, name)
-        problem = _checkpoint_problem(path)
-        if problem is None:
-            return path
-        logger.warning("Skipping incomplete checkpoint %s: %s", path, problem)
-    return None
-
-
-# Flags that change where or how a run reports, not what it computes: left out of the default folder's name.
-NOT_DEFINING = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "run_name", "project",
-                "logging_steps", "logging_strategy", "logging_first_step", "log_level", "log_level_replica",
-                "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "eval_steps", "eval_on_start",
-                "dataloader_num_workers", "preprocessing_num_workers", "overwrite_cache", "cache_dir",
-                "push_to_hub", "hub_model_id", "hub_token", "token", "peak_tflops", "ddp_timeout"}
-
-
-def default_output_dir(script_name, config, given):
-    """Where a run without --output_dir writes: the sweep agent's trial folder (SWEEP_TRIAL_DIR), else
-    outputs/<script>-<hash of the settings the user gave that define the run>, so running the same command
-    again finds the same folder and resumes. Under `wandb agent`, each W&B run id gets its own folder."""
-    if os.environ.get("SWEEP_TRIAL_DIR"):
-        return os.environ["SWEEP_TRIAL_DIR"]
-    settings = {name: config.get(name) for name in sorted(given - NOT_DEFINING)}
-    settings["wandb_run_id"] = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return os.path.join("outputs", f"{script_name}-{digest}")
-
-
-def prepare_output_dir(training_args, data_args, script_name, config, given):
-    """Settle output_dir (default_output_dir unless --output_dir) and check it. Returns the checkpoint to resume
-    from (--resume_from_checkpoint, else the newest complete one unless --overwrite_output_dir) and the run's
-    record for run_info.json (command line and settings, tokens hidden; prepare_trainer writes it). A run that
-    already finished says so and exits 0. A folder holding files we did not write is refused; nothing is ever
-    deleted."""
-    if "output_dir" not in given:
-        training_args.output_dir = config["output_dir"] = default_output_dir(script_name, config, given)
-    out = training_args.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--output_dir {out!r} is a file; give a folder path")
-    # A sweep trial's own folder (sweep.py sets SWEEP_TRIAL_DIR) holds the agent's command, log and metrics files.
-    trial_dir = os.environ.get("SWEEP_TRIAL_DIR")
-    agents_folder = bool(trial_dir) and os.path.realpath(out) == os.path.realpath(trial_dir)
-    marker = os.path.join(out, RUN_MARKER)
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(marker) and not agents_folder:
-        raise UserError(f"--output_dir {out!r} holds files this script did not write; choose an empty or new --output_dir")
-    explicit = training_args.resume_from_checkpoint
-    if explicit:
-        if not os.path.isdir(explicit):
-            raise UserError(f"--resume_from_checkpoint {explicit!r} is not a folder; give a checkpoint-N folder")
-        problem = _checkpoint_problem(explicit)
-        if problem:
-            raise UserError(f"--resume_from_checkpoint {explicit!r} is incomplete ({problem}); pick another checkpoint")
-        checkpoint = explicit
-    elif data_args.overwrite_output_dir or not training_args.do_train:
-        checkpoint = None
-    else:
-        _exit_if_finished(marker, script_name, config)
-        checkpoint = find_resume_checkpoint(out)
-        if checkpoint:
-            logger.info("Resuming from %s (pass --overwrite_output_dir to start fresh)", checkpoint)
-    run_info = {"script": script_name, "argv": _redacted(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "config": json.loads(json.dumps(config, default=str))}
-    return checkpoint, run_info
-
-
-def write_run_info(training_args, run_info):
-    """Create output_dir and write run_info.json: only once the Trainer is ready, so a run stopped by an error
-    before (bad data, a bad flag) leaves no folder behind."""
-    if training_args.process_index == 0:
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, RUN_MARKER), "w", encoding="utf-8") as f:
-            json.dump(run_info, f, indent=2)
-
-
-def _comparable(config):
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_DEFINING}, default=str))
-
-
-def _exit_if_finished(marker, script_name, config):
-    """The same run finished here before: say where its results are and exit 0 instead of training again."""
-    try:
-        with open(marker, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return
-    if info.get("finished") and info.get("script") == script_name and _comparable(info.get("config", {})) == _comparable(config):
-        out = os.path.dirname(marker)
-        print(f"This run already finished ({info['finished']}): model in {out}, results in "
-              f"{os.path.join(out, 'all_results.json')}. Pass --overwrite_output_dir to train it again.", flush=True)
-        raise SystemExit(0)
-
-
-def mark_finished(training_args):
-    """Record in run_info.json that the run completed, so running the same command again says so."""
-    marker = os.path.join(training_args.output_dir, RUN_MARKER)
-    if training_args.do_train and training_args.process_index == 0 and os.path.exists(marker):
-        with open(marker, encoding="utf-8") as f:
-            info = json.load(f)
-        info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(marker, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2, default=str)
-
-
-def _redacted(argv):
-    """argv with token values hidden, so secrets never land in files."""
-    secret, out = ("--token", "--hub_token"), []
-    for i, item in enumerate(argv):
-        name, equals, _ = item.partition("=")
-        if name in secret and equals:
-            item = f"{name}=<hidden>"
-        elif i and argv[i - 1] in secret:
-            item = "<hidden>"
-        out.append(item)
-    return out
 
 
 def wandb_style(logs, step):
@@ -270,7 +101,7 @@ def prepare_trainer(trainer, config, flops_per_token=None, peak=None, run_info=N
     loss scaling to the model (match_loss_scaling) and write run_info.json (from prepare_output_dir). Every
     script calls this before training or evaluating."""
     if run_info is not None:
-        write_run_info(trainer.args, run_info)
+        run_folder.write_run_info(trainer.args, run_info)
     match_loss_scaling(trainer)
     trainer.callback_handler.callbacks.insert(0, throughput.ThroughputCallback(flops_per_token, peak))
     trainer.add_callback(RunConfigCallback(config))
@@ -408,7 +239,7 @@ def train(trainer, resume_from_checkpoint=None):
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except NonFiniteLoss as err:
-        last = find_resume_checkpoint(trainer.args.output_dir)
+        last = run_folder.find_resume_checkpoint(trainer.args.output_dir)
         hint = "lower --learning_rate (or raise --warmup_steps), or set --max_grad_norm 1.0"
         if trainer.args.fp16:
             hint += "; use --bf16 instead of --fp16 (T5 overflows in fp16)"

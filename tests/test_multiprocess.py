@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+import run_folder
 import run_mlm
 import throughput
 import train_utils
@@ -162,7 +163,7 @@ def assert_written_once(multi, single, stdout):
     for name in checkpoints:
         per_rank = {"rng_state_0.pth", "rng_state_1.pth"}
         assert files_of(multi.out / name) == files_of(single.out / name) - {"rng_state.pth"} | per_rank
-        assert train_utils._checkpoint_problem(str(multi.out / name)) is None
+        assert run_folder._checkpoint_problem(str(multi.out / name)) is None
     assert not [p for p in multi.out.rglob("*") if ".tmp" in p.name]
     for split in ("train", "eval"):  # printed once, by rank 0
         assert stdout.count(f"***** {split} metrics *****") == 1
@@ -254,7 +255,7 @@ def test_stop_signal_gives_one_checkpoint_and_both_ranks_exit(target, data, tmp_
     assert "forcefully exiting" not in log and seconds < 60  # both ranks left by themselves
     checkpoints = list(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1
-    assert train_utils.find_resume_checkpoint(str(out)) == str(checkpoints[0])
+    assert run_folder.find_resume_checkpoint(str(out)) == str(checkpoints[0])
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= files_of(checkpoints[0])
 
 

@@ -8,6 +8,7 @@ import signal
 import pytest
 from transformers import TrainerCallback
 
+import run_folder
 import run_mlm
 import throughput
 import train_utils
@@ -151,7 +152,7 @@ def test_incomplete_checkpoint_is_skipped(tmp_path, text_corpus, caplog):
     out = tmp_path / "out"
     weights = out / "checkpoint-4" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut off mid-write
-    assert train_utils.find_resume_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert run_folder.find_resume_checkpoint(str(out)) == str(out / "checkpoint-2")
     assert "Skipping incomplete checkpoint" in caplog.text
 
 
@@ -225,11 +226,11 @@ def test_the_same_command_without_output_dir_finds_its_folder_and_resumes(tmp_pa
 
 def test_default_folder_depends_on_the_settings_given_not_their_order():
     config = {"learning_rate": 1e-3, "seed": 7, "logging_steps": 5, "output_dir": "trainer_output"}
-    name = train_utils.default_output_dir("run_mlm", config, {"learning_rate", "seed"})
+    name = run_folder.default_output_dir("run_mlm", config, {"learning_rate", "seed"})
     assert name.startswith(os.path.join("outputs", "run_mlm-"))
-    assert train_utils.default_output_dir("run_mlm", config, {"seed", "learning_rate", "logging_steps"}) == name
-    assert train_utils.default_output_dir("run_mlm", dict(config, seed=8), {"learning_rate", "seed"}) != name
-    assert train_utils.default_output_dir("run_span_t5", config, {"learning_rate", "seed"}) != name
+    assert run_folder.default_output_dir("run_mlm", config, {"seed", "learning_rate", "logging_steps"}) == name
+    assert run_folder.default_output_dir("run_mlm", dict(config, seed=8), {"learning_rate", "seed"}) != name
+    assert run_folder.default_output_dir("run_span_t5", config, {"learning_rate", "seed"}) != name
 
 
 @pytest.mark.slow
