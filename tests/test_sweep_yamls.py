@@ -3,6 +3,7 @@ exactly as `wandb agent` renders them, and whose metric is a key the program log
 
 import dataclasses
 import glob
+import json
 import importlib
 import os
 import re
@@ -99,3 +100,59 @@ def test_every_parameter_parses_as_wandb_renders_it(path):
     assert metric in logged, f"{metric} is not a key {program} logs (it logs {sorted(logged)})"
     if "goal" in config["metric"]:
         assert config["metric"]["goal"] == ("minimize" if metric.endswith("loss") else "maximize")
+
+
+def command_flags(path):
+    return [item for item in yaml.safe_load(open(path))["command"] if isinstance(item, str) and item.startswith("--")]
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
+def test_each_trial_gets_its_own_folder_and_data_is_named(path):
+    """No YAML points every trial at one folder (the best trial's model would be overwritten by later trials);
+    the default folder is per trial. A YAML that needs data from the Hub names it, in its flags and a comment."""
+    flags = command_flags(path)
+    assert not [f for f in flags if f.startswith(("--output_dir", "--overwrite_output_dir"))], flags
+    text = open(path).read()
+    needs_hub = any(f.startswith(("--task_name", "--dataset_name", "--model_name_or_path")) for f in flags)
+    if needs_hub:
+        assert re.search(r"^# Data: .*Hugging Face Hub \(.*public", text, re.M), "say which public dataset it downloads"
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
+def test_hyperband_sweeps_evaluate_often_enough_to_stop_trials(path):
+    """Hyperband compares trials at min_iter * eta**k evaluations: a trial must log at least min_iter * eta."""
+    config = yaml.safe_load(open(path))
+    if config.get("early_terminate", {}).get("type") != "hyperband":
+        return
+    flags = dict(f[2:].split("=", 1) for f in command_flags(path) if "=" in f)
+    assert flags.get("eval_strategy") in ("steps", "epoch"), "evaluations during training"
+    early = config["early_terminate"]
+    if flags["eval_strategy"] == "steps":
+        steps = float(flags["eval_steps"])
+        evaluations = 1 / steps if steps < 1 else float(flags["max_steps"]) / steps
+    else:
+        evaluations = min(config["parameters"].get("num_train_epochs", {}).get("values", [3]))
+    assert evaluations >= early["min_iter"] * early["eta"], (evaluations, early)
+
+
+@pytest.mark.slow
+def test_the_offline_sweep_runs_as_shipped_and_reports_the_best_trials_folder(tmp_path):
+    """`python sweep.py sweeps/mlm_lr_wd.yaml --count 2` on the embedded corpus: two trials, each in its own
+    folder, learning (eval loss well below the untrained model's ~8.6); the best trial's folder holds the model
+    and the eval loss the report names."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), os.path.join(ROOT, "sweeps", "mlm_lr_wd.yaml"),
+                           "--count", "2", "--sweep-dir", str(tmp_path / "sweep"), "--no-plots"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout)
+    best = re.search(r"best: trial (\d+), eval/loss=([\d.]+)\s+\((.*?)\)", proc.stdout)
+    assert best, proc.stdout
+    folder = best.group(3)
+    results = json.loads(open(os.path.join(folder, "all_results.json")).read())
+    assert results["eval_loss"] == pytest.approx(float(best.group(2)), rel=1e-4)
+    assert os.path.exists(os.path.join(folder, "model.safetensors"))
+    losses = [float(x) for x in re.findall(r"finished\s+([\d.]+)", proc.stdout)]
+    assert len(losses) == 2 and max(losses) < 7.0, proc.stdout
