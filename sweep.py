@@ -36,7 +36,6 @@ Where this differs from W&B (deliberately):
     `--output_dir=${envvar:SWEEP_TRIAL_DIR}` gives each trial its own output folder. As in wandb,
     an unset NAME expands to the text NAME.
   * An unknown ${macro} is a config error (wandb silently drops it).
-  * hyperband `strict` defaults to false, as the W&B docs say (one schema revision says true).
 """
 from __future__ import annotations
 
@@ -216,8 +215,8 @@ def _parse_param(path: tuple, raw, out: list):
         if key in spec:
             _need_number(f"{where}.{key}", spec[key], positive=key in ("q", "a", "b"),
                          nonneg=key == "sigma")
-    if "min" in spec and spec["min"] > spec["max"]:
-        raise ConfigError(f"{where}: min ({spec['min']}) must be <= max ({spec['max']})")
+    if "min" in spec and spec["min"] >= spec["max"]:  # as W&B: one value is `value:`, not a range
+        raise ConfigError(f"{where}: min ({spec['min']}) must be < max ({spec['max']}); for one value use `value:`")
     if dist == "int_uniform" and not (_is_int(spec["min"]) and _is_int(spec["max"])):
         raise ConfigError(f"{where}: int_uniform needs integer min and max; use "
                           f"distribution: uniform for floats")
@@ -270,7 +269,7 @@ def _parse_hyperband(et) -> dict:
     _need_number(f"{where}.eta", eta)
     if eta <= 1:
         raise ConfigError(f"{where}.eta must be > 1, got {eta}")
-    strict = et.get("strict", False)
+    strict = et.get("strict", True)  # W&B's sweep schema (wandb/sweeps) defaults to true
     if not isinstance(strict, bool):
         raise ConfigError(f"{where}.strict must be true or false")
     if "max_iter" in et:  # W&B looks at max_iter first when both are given
@@ -610,7 +609,7 @@ def render_command(command, program, params: dict, args_json_file=None, environ=
 
 # --------------------------------------------------------------------------- hyperband
 
-def hyperband_should_stop(history, all_histories, bands, eta, strict=False):
+def hyperband_should_stop(history, all_histories, bands, eta, strict=True):
     """W&B's hyperband rule on logged values, oriented so lower is better.
 
     Band b is reached after b logged values. Its threshold is the value at index
@@ -640,7 +639,7 @@ def _history(trial, maximize: bool) -> list[float]:
 class WandbHyperbandPruner(optuna.pruners.BasePruner):
     """Optuna pruner applying W&B's hyperband rule to the values runs reported as iterations."""
 
-    def __init__(self, bands, eta, strict=False):
+    def __init__(self, bands, eta, strict=True):
         self.bands, self.eta, self.strict = bands, eta, strict
         self.last = (None, None)
 
@@ -1190,8 +1189,34 @@ def _serialize_sqlite(engine):
     engine.dispose()  # pooled connections predate the hooks
 
 
+# pip packages of the database drivers SQLAlchemy names in URLs (postgresql:// is psycopg 3 in SQLAlchemy 2.1).
+DB_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pg8000": "pg8000",
+                      "pymysql": "PyMySQL", "mysqldb": "mysqlclient", "mysqlconnector": "mysql-connector-python"}
+
+
+def _require_db_driver(url):
+    """A database URL whose driver is missing fails at once, naming the package to install (Optuna would
+    retry, then say only "Failed to import DB access module")."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except ArgumentError as e:
+        raise ConfigError(f"--storage: not a database URL SQLAlchemy knows ({str(e).splitlines()[0]}); "
+                          "e.g. postgresql://user:password@host/sweeps or sqlite:///sweeps.db")
+    try:
+        dialect.import_dbapi()
+    except ImportError:
+        package = DB_DRIVER_PACKAGES.get(dialect.driver, dialect.driver)
+        raise ConfigError(f"--storage {parsed.render_as_string(hide_password=True)} needs the {dialect.driver} "
+                          f"driver: pip install '{package}' (on every machine of the sweep)")
+
+
 def make_storage(storage_arg, sweep_dir: Path):
     if storage_arg and "://" in storage_arg:
+        _require_db_driver(storage_arg)
         kwargs = {"connect_args": {"timeout": 60}} if storage_arg.startswith("sqlite") else {}
         for attempt in range(4):
             try:
@@ -1205,7 +1230,9 @@ def make_storage(storage_arg, sweep_dir: Path):
         if storage_arg.startswith("sqlite"):
             _serialize_sqlite(storage.engine)
         return storage
-    path = Path(storage_arg) if storage_arg else sweep_dir / "optuna-journal.log"
+    # Absolute: Optuna's lock is a symlink to this path, and a relative one dangles, so a lock left by a killed
+    # agent was never recognised as stale and every later agent spun on it forever.
+    path = (Path(storage_arg) if storage_arg else sweep_dir / "optuna-journal.log").resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     # A journal file is safe for many processes on one machine (file lock), unlike SQLite.
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))

@@ -208,16 +208,25 @@ def test_grid_points_enumerate_like_wandb():
 
 def test_hyperband_rule_uses_logged_iterations():
     done = [3.0, 2.0, 1.5, 1.2]  # a finished run
-    assert sweep.hyperband_should_stop([5.0], [done, [5.0]], [1, 3], 3) == (True, 1, 3.0)
-    assert sweep.hyperband_should_stop([2.5], [done, [2.5]], [1, 3], 3) == (False, 1, 2.5)
-    # past band 3: 3rd values are [1.5, 1.9] -> threshold 1.5; best-so-far 1.9 > 1.5
-    assert sweep.hyperband_should_stop([2.5, 2.0, 1.9], [done, [2.5, 2.0, 1.9]], [1, 3], 3)[0]
-    # before the first band nothing stops
-    assert sweep.hyperband_should_stop([9.0], [done, [9.0]], [2, 6], 3) == (False, None, None)
-    # strict compares the value at the band, not the best so far
+    for strict in (True, False):
+        assert sweep.hyperband_should_stop([5.0], [done, [5.0]], [1, 3], 3, strict) == (True, 1, 3.0)
+        assert sweep.hyperband_should_stop([2.5], [done, [2.5]], [1, 3], 3, strict) == (False, 1, 2.5)
+        # past band 3: 3rd values are [1.5, 1.9] -> threshold 1.5; 1.9 > 1.5
+        assert sweep.hyperband_should_stop([2.5, 2.0, 1.9], [done, [2.5, 2.0, 1.9]], [1, 3], 3, strict)[0]
+        # before the first band nothing stops
+        assert sweep.hyperband_should_stop([9.0], [done, [9.0]], [2, 6], 3, strict) == (False, None, None)
+    # strict (W&B's default) compares the value at the band, not the best so far
     runs = [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.5, 3.0, 3.0]]
-    assert not sweep.hyperband_should_stop(runs[2], runs, [1, 3], 3)[0]
-    assert sweep.hyperband_should_stop(runs[2], runs, [1, 3], 3, strict=True)[0]
+    assert not sweep.hyperband_should_stop(runs[2], runs, [1, 3], 3, strict=False)[0]
+    assert sweep.hyperband_should_stop(runs[2], runs, [1, 3], 3)[0]
+
+
+def test_hyperband_strict_defaults_to_true_as_in_wandbs_schema():
+    config = {"program": str(PROGRAM), "method": "random", "metric": {"name": "loss"},
+              "parameters": {"x": {"value": 1}}, "early_terminate": {"type": "hyperband", "min_iter": 2}}
+    assert sweep.validate_config(config).hyperband["strict"] is True
+    config["early_terminate"]["strict"] = False
+    assert sweep.validate_config(config).hyperband["strict"] is False
 
 
 def test_hyperband_brackets_from_config():
@@ -485,6 +494,7 @@ GOOD = {"program": str(PROGRAM), "method": "random", "metric": {"name": "eval/lo
     ({"early_terminate": {"type": "asha", "min_iter": 1}}, "early_terminate.type 'asha'"),
     ({"command": ["${env}", "${interpeter}", "${program}"]}, "'${interpeter}' is not a known"),
     ({"run_cap": 0}, "run_cap must be a positive integer"),
+    ({"parameters": {"lr": {"min": 0.1, "max": 0.1}}}, "min (0.1) must be < max (0.1); for one value use `value:`"),
 ])
 def test_invalid_config_is_one_line_and_exit_2(workdir, capsys, change, message):
     cfg = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
@@ -505,6 +515,42 @@ def test_invalid_config_from_the_command_line(workdir):
     assert proc.returncode == 2
     assert proc.stderr.startswith("sweep config error: ") and proc.stderr.count("\n") == 1
     assert "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("url, words", [
+    ("postgresql://sweeper:secret@db-host/sweeps", ["needs the psycopg driver", "pip install 'psycopg[binary]'", "***"]),
+    ("postgresql+psycopg2://sweeper@db-host/sweeps", ["needs the psycopg2 driver", "pip install 'psycopg2-binary'"]),
+    ("mysql+pymysql://sweeper@db-host/sweeps", ["pip install 'PyMySQL'"]),
+    ("nosuchdb://db-host/sweeps", ["not a database URL SQLAlchemy knows", "postgresql://"]),
+])
+def test_storage_url_without_its_driver_fails_at_once_naming_the_package(workdir, monkeypatch, url, words):
+    """Before: ~6 s of retries, then "Failed to import DB access module". Now: no retry, the pip package named."""
+    import importlib.util
+
+    driver = {"psycopg": "psycopg", "psycopg2": "psycopg2", "pymysql": "pymysql"}
+    needed = next((module for key, module in driver.items() if f"+{key}:" in url or (key == "psycopg" and url.startswith("postgresql:"))), None)
+    if needed and importlib.util.find_spec(needed):
+        pytest.skip(f"{needed} is installed here")
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: pytest.fail("retried a configuration error"))
+    with pytest.raises(sweep.ConfigError) as info:
+        sweep.make_storage(url, workdir / "sweeps_runs" / "x")
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_killed_agent_is_released_and_the_sweep_goes_on(workdir):
+    """An agent killed while holding the journal's lock leaves Optuna's lock symlink behind. The journal path is
+    absolute, so the link points at a real file, Optuna's grace period (30 s) finds it stale and the next agent
+    runs; with the relative default path the link dangled and every later agent spun on it forever."""
+    path = write_sweep(workdir, {"x": {"values": [1]}})
+    journal = sweep.make_storage(None, Path("sweeps_runs") / "sweep")._backend._file_path
+    assert os.path.isabs(journal)
+    os.symlink(journal, journal + ".lock")  # what Optuna's JournalFileSymlinkLock leaves when its holder dies
+    proc = subprocess.run(agent_cmd(path, "--count", "1"), capture_output=True, text=True, timeout=120, cwd=workdir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "finished" in proc.stdout
 
 
 @pytest.mark.slow
