@@ -796,10 +796,13 @@ class Agent:
         return t.state != TrialState.WAITING and not t.user_attrs.get("sweep_discount")
 
     def _requeue(self, t):
+        """Queue an unfinished trial's parameters again: the next trial of the study (any agent's) runs them."""
         index = t.user_attrs.get("sweep_grid_index")
         if self.grid is not None and index is not None:
             self.study.enqueue_trial(_optuna_grid_params(self.sweep.params, self.grid[index]),
                                      user_attrs={"sweep_grid_index": index})
+        elif self.grid is None:
+            self.study.enqueue_trial(dict(t.params), user_attrs={"sweep_requeued_from": t.number})
 
     def reap_dead_trials(self):
         """Fail (and for grid, re-queue) trials left RUNNING by agents that are gone."""
@@ -824,7 +827,7 @@ class Agent:
                 continue
             self._requeue(t)
             print(f"  trial {t.number} was left running by a dead agent ({owner or 'unknown'}); "
-                  f"marked lost{' and re-queued' if self.grid is not None else ''}")
+                  f"marked lost and re-queued")
 
     def _target_reached(self) -> bool:
         target = self.sweep.target

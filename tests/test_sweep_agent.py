@@ -440,6 +440,21 @@ def test_ctrl_c_stops_cleanly_and_rerun_resumes(workdir):
     assert sorted(float(r["quality"]) for r in rows if r["state"] == "finished") == [1.0, 2.0, 3.0]
 
 
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_ctrl_c_requeues_the_interrupted_parameters_for_every_method(workdir, method):
+    """The docstring's promise for all methods, not only grid: the rerun's first trial runs what was cut off."""
+    path = write_sweep(workdir, {"quality": {"min": 0.0, "max": 10.0}, "steps": {"value": 3}}, method=method,
+                       metric={"name": "eval/loss"})
+    agent = held_agent(workdir, path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent.send_signal(signal.SIGINT)
+    out = agent.communicate(timeout=60)[0]
+    assert agent.returncode == 130, out
+    cut = json.loads((workdir / "sweeps_runs" / "sweep" / "trial-0" / "params.json").read_text())
+    result = run(path, "--count", "1")
+    assert [r["params"]["quality"] for r in result.records] == [cut["quality"]]
+    assert result.records[0]["state"] == "finished"
+
+
 def test_trial_of_a_killed_agent_is_requeued(workdir):
     path = write_sweep(workdir, {"quality": {"values": [1.0, 2.0]}, "steps": {"value": 3}},
                        metric={"name": "eval/loss"})
