@@ -19,8 +19,8 @@ Hyperband counts one iteration per logged record that holds a finite metric.name
 
 How agents share a sweep: the study lives in an Optuna storage (default: a journal file in the
 sweep dir, safe for many processes on one machine; --storage URL for several machines). The agent
-that creates the study queues every grid point as a WAITING trial; agents pop them atomically, so
-no point runs twice. run_cap counts every trial that started, across agents. Each running trial
+that creates the study queues every grid point as a WAITING trial; agents pop them atomically, and a
+point queued twice (by an agent that joined while the grid was still being queued) runs once. run_cap counts every trial that started, across agents. Each running trial
 carries its agent's id and a heartbeat; a trial whose agent died (same machine: its pid is gone;
 elsewhere: no heartbeat for 5 minutes) is marked "lost" and its grid point re-queued. Ctrl-C marks
 the current trial "interrupted" and re-queues it too, so rerunning the command resumes the sweep.
@@ -859,6 +859,15 @@ class Agent:
         if requeue:
             self._requeue(trial)
 
+    def _point_taken(self, trial, index) -> bool:
+        """Whether another trial runs or ran this grid point. Agents that join while the grid is being queued can
+        queue a point twice; the copy is dropped here, so no point runs twice (of two copies started at the same
+        moment, the earlier start, then the lower number, runs)."""
+        mine = (trial.datetime_start, trial.number)
+        return any(t.number != trial.number and t.user_attrs.get("sweep_grid_index") == index
+                   and t.state != TrialState.WAITING and not t.user_attrs.get("sweep_discount")
+                   and (t.datetime_start, t.number) < mine for t in self._trials())
+
     def _claim(self):
         """Ask for a trial; returns (trial, None) or (None, reason to stop)."""
         trial = self.study.ask()
@@ -866,6 +875,16 @@ class Agent:
         if self.grid is not None and grid_index is None:  # the queue ran dry under us
             self._discard(trial, requeue=False)
             return None, "grid finished: every point has been run or is running"
+        while grid_index is not None and self._point_taken(trial, grid_index):
+            self._discard(trial, requeue=False)
+            print(f"  trial {trial.number}: grid point {grid_index} was queued twice; it runs in another trial")
+            if self._stop_reason():
+                return None, self._stop_reason()
+            trial = self.study.ask()
+            grid_index = trial.user_attrs.get("sweep_grid_index")
+            if grid_index is None:
+                self._discard(trial, requeue=False)
+                return None, "grid finished: every point has been run or is running"
         if self.sweep.run_cap:
             earlier = sum(self._counted(t) for t in self._trials() if t.number < trial.number)
             if earlier >= self.sweep.run_cap:  # another agent took the last slot
