@@ -745,13 +745,25 @@ def _params_text(params: dict) -> str:
     return " ".join(f"{k}={_fmt(v)}" for k, v in _flat(params).items())
 
 
-def _machine_id() -> str:
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            return Path(path).read_text().strip()[:12]
-        except OSError:
-            pass
-    return ""
+def _process_space() -> str:
+    """Where a pid means the same process: the machine (machine-id), its boot (cloned VMs share a machine-id, not
+    a boot id) and the PID namespace (containers share both). Agents that differ here judge each other only by
+    heartbeat, never by whether a pid exists."""
+    parts = []
+    for paths in (("/etc/machine-id", "/var/lib/dbus/machine-id"), ("/proc/sys/kernel/random/boot_id",)):
+        for path in paths:
+            try:
+                parts.append(Path(path).read_text().strip()[:12])
+                break
+            except OSError:
+                pass
+        else:
+            parts.append("")
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid").strip("pid:[]"))
+    except OSError:
+        parts.append("")
+    return "/".join(parts)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -781,7 +793,7 @@ class Agent:
                  kill_timeout=KILL_TIMEOUT, grid=None, plots=True):
         self.sweep, self.study, self.dir, self.study_name = sweep, study, sweep_dir, study_name
         self.count, self.kill_timeout, self.grid, self.plots = count, kill_timeout, grid, plots
-        self.host = f"{socket.gethostname()}/{_machine_id()}"
+        self.host = f"{socket.gethostname()}/{_process_space()}"
         self.agent_id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.records: list[dict] = []
         self.failed = 0
@@ -850,8 +862,20 @@ class Agent:
         if self.sweep.run_cap and sum(map(self._counted, trials)) >= self.sweep.run_cap:
             return f"run_cap {self.sweep.run_cap} reached"
         if self.grid is not None and not any(t.state == TrialState.WAITING for t in trials):
-            return "grid finished: every point has been run or is running"
+            return "grid finished: every point has been run or is running" + self._held_elsewhere(trials)
         return None
+
+    def _held_elsewhere(self, trials) -> str:
+        """The grid points other agents still run, and until when each stays theirs if their heartbeat stops."""
+        held = []
+        for t in trials:
+            if t.state == TrialState.RUNNING and t.user_attrs.get("sweep_agent") != self.agent_id:
+                beat = t.user_attrs.get("sweep_heartbeat") or t.datetime_start.timestamp()
+                until = time.strftime("%H:%M:%S", time.localtime(beat + STALE_SECONDS))
+                held.append(f"trial {t.number} (grid point {t.user_attrs.get('sweep_grid_index')}, agent "
+                            f"{t.user_attrs.get('sweep_agent', '?')}; re-queued at {until} if its heartbeat stops)")
+        return ("; still running elsewhere: " + ", ".join(held) + ". Start an agent after that to run any "
+                "point whose agent died") if held else ""
 
     def _discard(self, trial, requeue: bool):
         trial.set_user_attr("sweep_discount", True)

@@ -472,6 +472,36 @@ def test_grid_points_queued_twice_run_once(workdir):
     assert sorted(float(r["quality"]) for r in finished) == [1.0, 2.0, 3.0]
 
 
+def test_agents_in_another_pid_namespace_are_judged_by_heartbeat(workdir, capsys):
+    """Two containers (or cloned VMs) share hostname and machine-id but not pids: an agent's identity includes the
+    boot id and PID namespace, so a live trial of the other is not declared lost because its pid is not visible
+    here; the agent that finds the grid done says which points are held elsewhere and until when."""
+    import shutil
+    import socket
+
+    if shutil.which("unshare"):
+        probe = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sweep; print(sweep._process_space())"]
+        inside = subprocess.run(["unshare", "--pid", "--fork", "--map-root-user", "--mount-proc", *probe],
+                                capture_output=True, text=True)
+        if inside.returncode == 0:
+            assert inside.stdout.strip() != sweep._process_space()
+    path = write_sweep(workdir, {"quality": {"values": [1.0, 2.0]}, "steps": {"value": 1}}, metric={"name": "eval/loss"})
+    sw = sweep.load_sweep(str(path))
+    grid = sweep.grid_points(sw.params)
+    study = sweep.open_study(sw, sweep.make_storage(None, workdir / "sweeps_runs" / "sweep"), "sweep",
+                             optuna.samplers.RandomSampler(), optuna.pruners.NopPruner(), grid)
+    other = study.ask()  # grid point 0, running in a container beside us: same host name and machine-id
+    space = sweep._process_space().rsplit("/", 1)[0] + "/4026599999"
+    other.set_user_attr("sweep_agent", f"{socket.gethostname()}/{space}:{2**22 + 7}:0123abcd")
+    other.set_user_attr("sweep_heartbeat", time.time())
+    capsys.readouterr()
+    result = run(path)
+    assert [r["params"]["quality"] for r in result.records] == [2.0]
+    assert study.trials[other.number].state == optuna.trial.TrialState.RUNNING  # not taken for lost
+    out = capsys.readouterr().out
+    assert f"still running elsewhere: trial {other.number} (grid point 0" in out and "re-queued at" in out
+
+
 def test_trial_of_a_killed_agent_is_requeued(workdir):
     path = write_sweep(workdir, {"quality": {"values": [1.0, 2.0]}, "steps": {"value": 3}},
                        metric={"name": "eval/loss"})
