@@ -65,12 +65,13 @@ def find_resume_checkpoint(output_dir):
     return None
 
 
-# Flags that change where or how a run reports, not what it computes: left out of the default folder's name.
+# Settings that change where or how a run reports, not what it computes (local_rank: each process's own): left
+# out of the default folder's name and of the check that a finished run is the same run.
 NOT_DEFINING = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "run_name", "project",
                 "logging_steps", "logging_strategy", "logging_first_step", "log_level", "log_level_replica",
                 "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "eval_steps", "eval_on_start",
                 "dataloader_num_workers", "preprocessing_num_workers", "overwrite_cache", "cache_dir",
-                "push_to_hub", "hub_model_id", "hub_token", "token", "peak_tflops", "ddp_timeout"}
+                "push_to_hub", "hub_model_id", "hub_token", "token", "peak_tflops", "ddp_timeout", "local_rank"}
 
 
 def default_output_dir(script_name, config, given):
@@ -113,7 +114,7 @@ def prepare_output_dir(training_args, data_args, script_name, config, given):
     elif data_args.overwrite_output_dir or not training_args.do_train:
         checkpoint = None
     else:
-        _exit_if_finished(marker, script_name, config)
+        _exit_if_finished(marker, script_name, config, training_args.process_index == 0)
         checkpoint = find_resume_checkpoint(out)
         if checkpoint:
             logger.info("Resuming from %s (pass --overwrite_output_dir to start fresh)", checkpoint)
@@ -135,8 +136,9 @@ def _comparable(config):
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_DEFINING}, default=str))
 
 
-def _exit_if_finished(marker, script_name, config):
-    """The same run finished here before: say where its results are and exit 0 instead of training again."""
+def _exit_if_finished(marker, script_name, config, say=True):
+    """The same run finished here before: say where its results are (`say`: the first process) and exit 0
+    instead of training again."""
     try:
         with open(marker, encoding="utf-8") as f:
             info = json.load(f)
@@ -144,8 +146,9 @@ def _exit_if_finished(marker, script_name, config):
         return
     if info.get("finished") and info.get("script") == script_name and _comparable(info.get("config", {})) == _comparable(config):
         out = os.path.dirname(marker)
-        print(f"This run already finished ({info['finished']}): model in {out}, results in "
-              f"{os.path.join(out, 'all_results.json')}. Pass --overwrite_output_dir to train it again.", flush=True)
+        if say:
+            print(f"This run already finished ({info['finished']}): model in {out}, results in "
+                  f"{os.path.join(out, 'all_results.json')}. Pass --overwrite_output_dir to train it again.", flush=True)
         raise SystemExit(0)
 
 

@@ -209,6 +209,19 @@ def test_two_processes_match_one_with_the_same_global_batch(script, launcher, da
         assert abs(final[1] - final[0]) < final_bound
 
 
+def test_a_finished_two_process_run_rerun_exits_on_every_rank(data, tmp_path):
+    """Each process compares its settings with the finished run's (its own local_rank left out): every rank finds
+    the run finished and exits 0 (rank 0 says so), none waits for a partner that has left."""
+    need_script("run_mlm")
+    command = [*launcher_command("torchrun"), os.path.join(ROOT, "run_mlm.py"),
+               *script_args("run_mlm", data, tmp_path / "run", processes=2)]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=LAUNCH_TIMEOUT, env=launch_env())
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=LAUNCH_TIMEOUT, env=launch_env())
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert again.stdout.count("This run already finished") == 1, again.stdout[-4000:]  # said once, by rank 0
+
+
 def read_until(proc, marker, timeout):
     """stdout lines of `proc` until one holds `marker` (or the process ends, or time runs out)."""
     seen, deadline = [], time.monotonic() + timeout
