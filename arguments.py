@@ -14,10 +14,10 @@ otherwise" default in the scripts reads it.
 
 import dataclasses
 import difflib
-from argparse import ArgumentDefaultsHelpFormatter
 import json
 import os
 import sys
+from argparse import ArgumentDefaultsHelpFormatter
 from dataclasses import dataclass, field
 from typing import Optional
 

@@ -180,7 +180,8 @@ def main(argv=None):
     train_utils.finalize_training_args(training_args, given)
     data = (data_args.train_file or data_args.validation_file or glue_args.test_file or data_args.dataset_name
             or glue_args.task_name)
-    lacking = [NEEDS[part] for part, given in (("model", model_args.model_name_or_path), ("data", data)) if not given]
+    lacking = [NEEDS[part] for part, present in (("model", model_args.model_name_or_path), ("data", data))
+               if not present]
     if lacking:  # all named at once: one round trip
         raise UserError(f"fine_tune_glue.py needs {' and '.join(lacking)}; e.g. {EXAMPLES}")
     if data_args.streaming:

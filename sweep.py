@@ -20,10 +20,11 @@ Hyperband counts one iteration per logged record that holds a finite metric.name
 How agents share a sweep: the study lives in an Optuna storage (default: a journal file in the
 sweep dir, safe for many processes on one machine; --storage URL for several machines). The agent
 that creates the study queues every grid point as a WAITING trial; agents pop them atomically, and a
-point queued twice (by an agent that joined while the grid was still being queued) runs once. run_cap counts every trial that started, across agents. Each running trial
-carries its agent's id and a heartbeat; a trial whose agent died (same machine: its pid is gone;
-elsewhere: no heartbeat for 5 minutes) is marked "lost" and its grid point re-queued. Ctrl-C marks
-the current trial "interrupted" and re-queues it too, so rerunning the command resumes the sweep.
+point queued twice (by an agent that joined while the grid was still being queued) runs once. run_cap
+counts every trial that started, across agents. Each running trial carries its agent's id and a
+heartbeat; a trial whose agent died (same machine, boot and PID namespace: its pid is gone; elsewhere:
+no heartbeat for 5 minutes) is marked "lost" and its parameters re-queued. Ctrl-C marks the current
+trial "interrupted" and re-queues it too, so rerunning the command resumes the sweep.
 Each logged metric value is reported to Optuna as an intermediate value (step = iteration), and a
 custom pruner applies W&B's hyperband rule to those values of all trials in the study.
 Trial states: finished, failed, pruned, interrupted, lost.
@@ -745,25 +746,26 @@ def _params_text(params: dict) -> str:
     return " ".join(f"{k}={_fmt(v)}" for k, v in _flat(params).items())
 
 
+def _first_line_of(*paths) -> str:
+    """The first 12 characters of the first of these files that can be read ("" if none)."""
+    for path in paths:
+        try:
+            return Path(path).read_text().strip()[:12]
+        except OSError:
+            pass
+    return ""
+
+
 def _process_space() -> str:
     """Where a pid means the same process: the machine (machine-id), its boot (cloned VMs share a machine-id, not
     a boot id) and the PID namespace (containers share both). Agents that differ here judge each other only by
     heartbeat, never by whether a pid exists."""
-    parts = []
-    for paths in (("/etc/machine-id", "/var/lib/dbus/machine-id"), ("/proc/sys/kernel/random/boot_id",)):
-        for path in paths:
-            try:
-                parts.append(Path(path).read_text().strip()[:12])
-                break
-            except OSError:
-                pass
-        else:
-            parts.append("")
     try:
-        parts.append(os.readlink("/proc/self/ns/pid").strip("pid:[]"))
+        pid_namespace = os.readlink("/proc/self/ns/pid").strip("pid:[]")
     except OSError:
-        parts.append("")
-    return "/".join(parts)
+        pid_namespace = ""
+    return "/".join((_first_line_of("/etc/machine-id", "/var/lib/dbus/machine-id"),
+                     _first_line_of("/proc/sys/kernel/random/boot_id"), pid_namespace))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -817,7 +819,7 @@ class Agent:
             self.study.enqueue_trial(dict(t.params), user_attrs={"sweep_requeued_from": t.number})
 
     def reap_dead_trials(self):
-        """Fail (and for grid, re-queue) trials left RUNNING by agents that are gone."""
+        """Fail and re-queue trials left RUNNING by agents that are gone."""
         now = time.time()
         for t in self._trials((TrialState.RUNNING,)):
             owner = t.user_attrs.get("sweep_agent")
@@ -894,21 +896,16 @@ class Agent:
 
     def _claim(self):
         """Ask for a trial; returns (trial, None) or (None, reason to stop)."""
-        trial = self.study.ask()
-        grid_index = trial.user_attrs.get("sweep_grid_index")
-        if self.grid is not None and grid_index is None:  # the queue ran dry under us
-            self._discard(trial, requeue=False)
-            return None, "grid finished: every point has been run or is running"
-        while grid_index is not None and self._point_taken(trial, grid_index):
-            self._discard(trial, requeue=False)
-            print(f"  trial {trial.number}: grid point {grid_index} was queued twice; it runs in another trial")
-            if self._stop_reason():
-                return None, self._stop_reason()
+        while True:
             trial = self.study.ask()
             grid_index = trial.user_attrs.get("sweep_grid_index")
-            if grid_index is None:
+            if self.grid is not None and grid_index is None:  # the queue ran dry under us
                 self._discard(trial, requeue=False)
-                return None, "grid finished: every point has been run or is running"
+                return None, self._stop_reason() or "grid finished: every point has been run or is running"
+            if grid_index is None or not self._point_taken(trial, grid_index):
+                break
+            self._discard(trial, requeue=False)
+            print(f"  trial {trial.number}: grid point {grid_index} was queued twice; it runs in another trial")
         if self.sweep.run_cap:
             earlier = sum(self._counted(t) for t in self._trials() if t.number < trial.number)
             if earlier >= self.sweep.run_cap:  # another agent took the last slot

@@ -25,6 +25,7 @@ from arguments import UserError
 
 logger = logging.getLogger(__name__)
 
+
 def setup_logging(training_args):
     """One log format for all scripts; replicas of a multi-process run only warn."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
