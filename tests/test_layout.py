@@ -12,6 +12,8 @@ from conftest import ROOT
 SCRIPTS = ("run_mlm.py", "run_span_t5.py", "fine_tune_glue.py")
 SHARED_MODULES = ("arguments.py", "data_utils.py", "train_utils.py", "run_folder.py")
 TASK_MODULES = ("throughput.py", "packing.py", "span_corruption.py", "glue_data.py")
+SWEEP_AGENT = ("sweep.py",) + tuple(sorted(os.path.join("sweep_agent", name) for name in os.listdir(
+    os.path.join(ROOT, "sweep_agent")) if name.endswith(".py")))
 
 
 def lines(name):
@@ -19,7 +21,7 @@ def lines(name):
         return f.read().splitlines()
 
 
-@pytest.mark.parametrize("name", SCRIPTS + SHARED_MODULES + TASK_MODULES)
+@pytest.mark.parametrize("name", SCRIPTS + SHARED_MODULES + TASK_MODULES + SWEEP_AGENT)
 def test_each_file_is_at_most_400_lines(name):
     assert len(lines(name)) <= 400
 

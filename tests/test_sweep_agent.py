@@ -21,6 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sweep  # noqa: E402
+from sweep_agent import config, hyperband, runs, schema, space, storage  # noqa: E402
 
 PROGRAM = ROOT / "tests" / "fixtures" / "sweep_program.py"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
@@ -94,40 +95,40 @@ PARAMS = {"lr": 0.0001, "bs": 16, "fp16": True, "debug": False, "opt": "adam w",
     ("plain", ["plain"]),
 ])
 def test_render_each_macro(macro, expected):
-    argv = sweep.render_command([macro], "train.py", PARAMS, args_json_file="/trial/params.json",
+    argv = space.render_command([macro], "train.py", PARAMS, args_json_file="/trial/params.json",
                                 environ={"MY_VAR": "from-env"}, windows=False)
     assert argv == expected
 
 
 def test_render_default_command_and_windows():
     params = {"learning_rate": 3e-05, "epochs": 3}
-    assert sweep.render_command(None, "train.py", params, windows=False) == [
+    assert space.render_command(None, "train.py", params, windows=False) == [
         "/usr/bin/env", "python", "train.py", "--learning_rate=3e-05", "--epochs=3"]
-    assert sweep.render_command(None, "train.py", params, windows=True)[0] == "python"
+    assert space.render_command(None, "train.py", params, windows=True)[0] == "python"
     custom = ["${env}", "python3", "${program}", "-b", "cfg", 7, "${args}"]
-    assert sweep.render_command(custom, "t.py", {"x": 1}, windows=False) == [
+    assert space.render_command(custom, "t.py", {"x": 1}, windows=False) == [
         "/usr/bin/env", "python3", "t.py", "-b", "cfg", "7", "--x=1"]
-    assert sweep.render_command(["${args}"], "t.py", {"opt": {"lr": 0.1}}) == ["--opt={'lr': 0.1}"]
+    assert space.render_command(["${args}"], "t.py", {"opt": {"lr": 0.1}}) == ["--opt={'lr': 0.1}"]
     with pytest.raises(ValueError):
-        sweep.render_command(["${nope}"], "t.py", {})
+        space.render_command(["${nope}"], "t.py", {})
 
 
 def test_render_keeps_hostile_values_literal():
     hostile = {"a": "$(touch /tmp/pwned)", "b": "; rm -rf x", "c": "`id` && echo 'q' \"x\""}
-    argv = sweep.render_command(None, "t.py", hostile, windows=False)
+    argv = space.render_command(None, "t.py", hostile, windows=False)
     assert argv[3:] == ["--a=$(touch /tmp/pwned)", "--b=; rm -rf x", "--c=`id` && echo 'q' \"x\""]
 
 
 # --------------------------------------------------------------------------- parameter forms
 
 def sample(parameters, n=40, sampler=None, method="random"):
-    sw = sweep.validate_config({"program": str(PROGRAM), "method": method,
+    sw = config.validate_config({"program": str(PROGRAM), "method": method,
                                 "metric": {"name": "loss"}, "parameters": parameters})
     study = optuna.create_study(sampler=sampler or optuna.samplers.RandomSampler(seed=0))
     values = []
     for i in range(n):
         trial = study.ask()
-        values.append(sweep.sample_params(trial, sw.params))
+        values.append(space.sample_params(trial, sw.params))
         study.tell(trial, float(i % 7))
     return values
 
@@ -193,10 +194,10 @@ def test_probabilities_are_respected_and_nested_params_nest():
 
 
 def test_grid_points_enumerate_like_wandb():
-    sw = sweep.validate_config({"program": str(PROGRAM), "method": "grid", "parameters": {
+    sw = config.validate_config({"program": str(PROGRAM), "method": "grid", "parameters": {
         "b": {"min": 1, "max": 3}, "a": {"values": ["x", "y"]},
         "c": {"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.5}, "d": {"value": 7}}})
-    points = sweep.grid_points(sw.params)
+    points = space.grid_points(sw.params)
     assert len(points) == 2 * 3 * 2 and len({json.dumps(p) for p in points}) == 12
     # sorted names, first one slowest; q_uniform grid is arange(min, max, q) as in W&B
     assert points[0] == {"a": "x", "b": 1, "c": 0.0, "d": 7}
@@ -209,33 +210,33 @@ def test_grid_points_enumerate_like_wandb():
 def test_hyperband_rule_uses_logged_iterations():
     done = [3.0, 2.0, 1.5, 1.2]  # a finished run
     for strict in (True, False):
-        assert sweep.hyperband_should_stop([5.0], [done, [5.0]], [1, 3], 3, strict) == (True, 1, 3.0)
-        assert sweep.hyperband_should_stop([2.5], [done, [2.5]], [1, 3], 3, strict) == (False, 1, 2.5)
+        assert hyperband.hyperband_should_stop([5.0], [done, [5.0]], [1, 3], 3, strict) == (True, 1, 3.0)
+        assert hyperband.hyperband_should_stop([2.5], [done, [2.5]], [1, 3], 3, strict) == (False, 1, 2.5)
         # past band 3: 3rd values are [1.5, 1.9] -> threshold 1.5; 1.9 > 1.5
-        assert sweep.hyperband_should_stop([2.5, 2.0, 1.9], [done, [2.5, 2.0, 1.9]], [1, 3], 3, strict)[0]
+        assert hyperband.hyperband_should_stop([2.5, 2.0, 1.9], [done, [2.5, 2.0, 1.9]], [1, 3], 3, strict)[0]
         # before the first band nothing stops
-        assert sweep.hyperband_should_stop([9.0], [done, [9.0]], [2, 6], 3, strict) == (False, None, None)
+        assert hyperband.hyperband_should_stop([9.0], [done, [9.0]], [2, 6], 3, strict) == (False, None, None)
     # strict (W&B's default) compares the value at the band, not the best so far
-    runs = [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.5, 3.0, 3.0]]
-    assert not sweep.hyperband_should_stop(runs[2], runs, [1, 3], 3, strict=False)[0]
-    assert sweep.hyperband_should_stop(runs[2], runs, [1, 3], 3)[0]
+    histories = [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.5, 3.0, 3.0]]
+    assert not hyperband.hyperband_should_stop(histories[2], histories, [1, 3], 3, strict=False)[0]
+    assert hyperband.hyperband_should_stop(histories[2], histories, [1, 3], 3)[0]
 
 
 def test_hyperband_strict_defaults_to_true_as_in_wandbs_schema():
-    config = {"program": str(PROGRAM), "method": "random", "metric": {"name": "loss"},
-              "parameters": {"x": {"value": 1}}, "early_terminate": {"type": "hyperband", "min_iter": 2}}
-    assert sweep.validate_config(config).hyperband["strict"] is True
-    config["early_terminate"]["strict"] = False
-    assert sweep.validate_config(config).hyperband["strict"] is False
+    cfg = {"program": str(PROGRAM), "method": "random", "metric": {"name": "loss"},
+           "parameters": {"x": {"value": 1}}, "early_terminate": {"type": "hyperband", "min_iter": 2}}
+    assert config.validate_config(cfg).hyperband["strict"] is True
+    cfg["early_terminate"]["strict"] = False
+    assert config.validate_config(cfg).hyperband["strict"] is False
 
 
 def test_hyperband_brackets_from_config():
-    sw = sweep.validate_config({"program": str(PROGRAM), "method": "random",
+    sw = config.validate_config({"program": str(PROGRAM), "method": "random",
                                 "metric": {"name": "loss"}, "parameters": {"x": {"value": 1}},
                                 "early_terminate": {"type": "hyperband", "max_iter": 27, "s": 2}})
     assert sw.hyperband["bands"] == [3, 9] and sw.hyperband["eta"] == 3
     sw.config["early_terminate"] = {"type": "hyperband", "min_iter": 2, "eta": 2}
-    assert sweep.validate_config(sw.config).hyperband["bands"][:4] == [2, 4, 8, 16]
+    assert config.validate_config(sw.config).hyperband["bands"][:4] == [2, 4, 8, 16]
 
 
 # --------------------------------------------------------------------------- whole sweeps
@@ -460,12 +461,12 @@ def test_grid_points_queued_twice_run_once(workdir):
     PostgreSQL: 251 queued twice). Every copy after the first is dropped when it is claimed."""
     path = write_sweep(workdir, {"quality": {"values": [1.0, 2.0, 3.0]}, "steps": {"value": 1}},
                        metric={"name": "eval/loss"})
-    sw = sweep.load_sweep(str(path))
-    grid = sweep.grid_points(sw.params)
-    storage = sweep.make_storage(None, workdir / "sweeps_runs" / "sweep")
-    study = sweep.open_study(sw, storage, "sweep", optuna.samplers.RandomSampler(), optuna.pruners.NopPruner(), grid)
+    sw = config.load_sweep(str(path))
+    grid = space.grid_points(sw.params)
+    store = storage.make_storage(None, workdir / "sweeps_runs" / "sweep")
+    study = storage.open_study(sw, store, "sweep", optuna.samplers.RandomSampler(), optuna.pruners.NopPruner(), grid)
     for index, point in enumerate(grid):  # what a racing agent queued as missing
-        study.enqueue_trial(sweep._optuna_grid_params(sw.params, point), user_attrs={"sweep_grid_index": index})
+        study.enqueue_trial(space._optuna_grid_params(sw.params, point), user_attrs={"sweep_grid_index": index})
     result = run(path)
     assert sorted(r["params"]["quality"] for r in result.records) == [1.0, 2.0, 3.0]
     finished = [r for r in load_trials(workdir / "sweeps_runs" / "sweep") if r["state"] == "finished"]
@@ -480,19 +481,19 @@ def test_agents_in_another_pid_namespace_are_judged_by_heartbeat(workdir, capsys
     import socket
 
     if shutil.which("unshare"):
-        probe = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sweep; print(sweep._process_space())"]
+        probe = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from sweep_agent import runs; print(runs._process_space())"]
         inside = subprocess.run(["unshare", "--pid", "--fork", "--map-root-user", "--mount-proc", *probe],
                                 capture_output=True, text=True)
         if inside.returncode == 0:
-            assert inside.stdout.strip() != sweep._process_space()
+            assert inside.stdout.strip() != runs._process_space()
     path = write_sweep(workdir, {"quality": {"values": [1.0, 2.0]}, "steps": {"value": 1}}, metric={"name": "eval/loss"})
-    sw = sweep.load_sweep(str(path))
-    grid = sweep.grid_points(sw.params)
-    study = sweep.open_study(sw, sweep.make_storage(None, workdir / "sweeps_runs" / "sweep"), "sweep",
+    sw = config.load_sweep(str(path))
+    grid = space.grid_points(sw.params)
+    study = storage.open_study(sw, storage.make_storage(None, workdir / "sweeps_runs" / "sweep"), "sweep",
                              optuna.samplers.RandomSampler(), optuna.pruners.NopPruner(), grid)
     other = study.ask()  # grid point 0, running in a container beside us: same host name and machine-id
-    space = sweep._process_space().rsplit("/", 1)[0] + "/4026599999"
-    other.set_user_attr("sweep_agent", f"{socket.gethostname()}/{space}:{2**22 + 7}:0123abcd")
+    elsewhere = runs._process_space().rsplit("/", 1)[0] + "/4026599999"
+    other.set_user_attr("sweep_agent", f"{socket.gethostname()}/{elsewhere}:{2**22 + 7}:0123abcd")
     other.set_user_attr("sweep_heartbeat", time.time())
     capsys.readouterr()
     result = run(path)
@@ -593,9 +594,9 @@ def test_storage_url_without_its_driver_fails_at_once_naming_the_package(workdir
     needed = next((module for key, module in driver.items() if f"+{key}:" in url or (key == "psycopg" and url.startswith("postgresql:"))), None)
     if needed and importlib.util.find_spec(needed):
         pytest.skip(f"{needed} is installed here")
-    monkeypatch.setattr(sweep.time, "sleep", lambda s: pytest.fail("retried a configuration error"))
-    with pytest.raises(sweep.ConfigError) as info:
-        sweep.make_storage(url, workdir / "sweeps_runs" / "x")
+    monkeypatch.setattr(storage.time, "sleep", lambda s: pytest.fail("retried a configuration error"))
+    with pytest.raises(schema.ConfigError) as info:
+        storage.make_storage(url, workdir / "sweeps_runs" / "x")
     for word in words:
         assert word in str(info.value), str(info.value)
     assert "secret" not in str(info.value)
@@ -607,7 +608,7 @@ def test_a_lock_left_by_a_killed_agent_is_released_and_the_sweep_goes_on(workdir
     absolute, so the link points at a real file, Optuna's grace period (30 s) finds it stale and the next agent
     runs; with the relative default path the link dangled and every later agent spun on it forever."""
     path = write_sweep(workdir, {"x": {"values": [1]}})
-    journal = sweep.make_storage(None, Path("sweeps_runs") / "sweep")._backend._file_path
+    journal = storage.make_storage(None, Path("sweeps_runs") / "sweep")._backend._file_path
     assert os.path.isabs(journal)
     os.symlink(journal, journal + ".lock")  # what Optuna's JournalFileSymlinkLock leaves when its holder dies
     proc = subprocess.run(agent_cmd(path, "--count", "1"), capture_output=True, text=True, timeout=120, cwd=workdir)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from transformers import TrainingArguments
 
-import sweep
+from sweep_agent import config, space
 from arguments import DataArguments, ModelArguments, parse_args
 from conftest import ROOT
 
@@ -63,29 +63,29 @@ def argument_types(program):
 @pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
 def test_yaml_follows_wandb_rules(path):
     text = open(path).read()
-    config = yaml.safe_load(text)
-    sweep.validate_config(config, cwd=ROOT)  # W&B's schema: keys, methods, parameter forms
+    cfg = yaml.safe_load(text)
+    config.validate_config(cfg, cwd=ROOT)  # W&B's schema: keys, methods, parameter forms
     assert "log_uniform:" not in text.replace("log_uniform_values", ""), "use log_uniform_values"
     assert not re.search(r"\b\d+e-?\d+\b", re.sub(r"\d\.\d+e", "", text)), "write floats as 1.0e-5 so YAML reads numbers"
-    for name, spec in config["parameters"].items():
+    for name, spec in cfg["parameters"].items():
         for key in ("min", "max"):
             if key in spec and spec.get("distribution", "") not in ("int_uniform",) and not isinstance(spec[key], int):
                 assert isinstance(spec[key], float), f"{name}.{key} must be a number, not {spec[key]!r}"
-    assert isinstance(config["command"], list) and "command: [" not in text, "commands in block style"
-    assert "${args}" in config["command"] and "${args_no_boolean_flags}" not in text
-    assert os.path.exists(os.path.join(ROOT, config["program"]))
+    assert isinstance(cfg["command"], list) and "command: [" not in text, "commands in block style"
+    assert "${args}" in cfg["command"] and "${args_no_boolean_flags}" not in text
+    assert os.path.exists(os.path.join(ROOT, cfg["program"]))
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
 def test_every_parameter_parses_as_wandb_renders_it(path):
-    config = yaml.safe_load(open(path))
-    program = config["program"]
+    cfg = yaml.safe_load(open(path))
+    program = cfg["program"]
     types = argument_types(program)
-    fixed = sweep.render_command(config["command"], program, {}, environ={})
+    fixed = space.render_command(cfg["command"], program, {}, environ={})
     fixed = fixed[fixed.index(program) + 1:]
-    for name, spec in config["parameters"].items():
+    for name, spec in cfg["parameters"].items():
         for value in sample_values(spec):
-            argv = sweep.render_command(config["command"], program, {name: value}, environ={})
+            argv = space.render_command(cfg["command"], program, {name: value}, environ={})
             argv = argv[argv.index(program) + 1:]
             assert f"--{name}={value}" in argv
             parsed = parse_args(types, argv)
@@ -94,12 +94,12 @@ def test_every_parameter_parses_as_wandb_renders_it(path):
             assert got[0] == value or str(got[0]) == str(value) or float(got[0]) == float(value), (name, value, got)
     assert parse_args(types, fixed)  # the fixed part of the command parses on its own too
 
-    metric = config["metric"]["name"]
+    metric = cfg["metric"]["name"]
     task = next((a.split("=", 1)[1] for a in fixed if a.startswith("--task_name=")), None)
     logged = GLUE_KEYS[task] if task else LOGGED[program]
     assert metric in logged, f"{metric} is not a key {program} logs (it logs {sorted(logged)})"
-    if "goal" in config["metric"]:
-        assert config["metric"]["goal"] == ("minimize" if metric.endswith("loss") else "maximize")
+    if "goal" in cfg["metric"]:
+        assert cfg["metric"]["goal"] == ("minimize" if metric.endswith("loss") else "maximize")
 
 
 def command_flags(path):
@@ -121,17 +121,17 @@ def test_each_trial_gets_its_own_folder_and_data_is_named(path):
 @pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
 def test_hyperband_sweeps_evaluate_often_enough_to_stop_trials(path):
     """Hyperband compares trials at min_iter * eta**k evaluations: a trial must log at least min_iter * eta."""
-    config = yaml.safe_load(open(path))
-    if config.get("early_terminate", {}).get("type") != "hyperband":
+    cfg = yaml.safe_load(open(path))
+    if cfg.get("early_terminate", {}).get("type") != "hyperband":
         return
     flags = dict(f[2:].split("=", 1) for f in command_flags(path) if "=" in f)
     assert flags.get("eval_strategy") in ("steps", "epoch"), "evaluations during training"
-    early = config["early_terminate"]
+    early = cfg["early_terminate"]
     if flags["eval_strategy"] == "steps":
         steps = float(flags["eval_steps"])
         evaluations = 1 / steps if steps < 1 else float(flags["max_steps"]) / steps
     else:
-        evaluations = min(config["parameters"].get("num_train_epochs", {}).get("values", [3]))
+        evaluations = min(cfg["parameters"].get("num_train_epochs", {}).get("values", [3]))
     assert evaluations >= early["min_iter"] * early["eta"], (evaluations, early)
 
 
