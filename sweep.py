@@ -7,15 +7,20 @@ Run it from the project root, like `wandb agent`. Start it several times (same m
 command; other machines: the same --storage DB URL) and the agents share one Optuna study.
 Rerunning a command resumes its study.
 
-What a run gets (the env var contract):
-    SWEEP_METRICS_FILE     <trial dir>/metrics.jsonl; append one JSON object per logged record,
-                           W&B names as keys ({"eval/loss": 1.9, "train/global_step": 20}).
-    SWEEP_TRIAL_DIR        <sweep dir>/trial-<number>/ (command.txt, params.json, log.txt, ...).
-    WANDB_RUN_ID, WANDB_NAME   unique per trial.
+What a run gets (the env var contract), and how the agent reads what it logs:
     WANDB_SWEEP_PARAM_PATH a wandb config YAML with the trial's parameters, as `wandb agent` sets
                            it: wandb.init() in the run then puts them in run.config.
-The metric's value for a run is the LAST value of metric.name it logged (W&B's summary default).
-Hyperband counts one iteration per logged record that holds a finite metric.name value.
+    WANDB_DIR              <trial dir>: wandb writes the run's files there (offline or online mode),
+                           and the agent reads what the run logs with wandb.log from its .wandb file,
+                           as the run writes it (WANDB__TRANSACTION_LOG_FLUSH_INTERVAL=2 s unless set).
+    SWEEP_METRICS_FILE     <trial dir>/metrics.jsonl, for programs without wandb: append one JSON
+                           object per logged record, W&B names as keys ({"eval/loss": 1.9}).
+                           A run is read from whichever of the two it writes first.
+    SWEEP_TRIAL_DIR        <sweep dir>/trial-<number>/ (command.txt, params.json, log.txt, ...).
+    WANDB_RUN_ID, WANDB_NAME   unique per trial.
+The metric's value for a run is its summary value of metric.name: the LAST value it logged, unless it
+set run.summary itself (W&B's rule). Hyperband counts one iteration per logged record that holds a
+finite metric.name value. A run that logs nothing the agent can read is reported after it ends.
 
 How agents share a sweep: the study lives in an Optuna storage (default: a journal file in the
 sweep dir, safe for many processes on one machine; --storage URL for several machines). The agent

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from .hyperband import WandbHyperbandPruner
 from .report import report
-from .runs import (KILL_TIMEOUT, POLL_SECONDS, MetricsTail, _die_with_parent, _fmt, _log_tail,
+from .runs import (KILL_TIMEOUT, POLL_SECONDS, WANDB_FLUSH_SECONDS, TrialMetrics, _die_with_parent, _fmt, _log_tail,
                    _params_text, _pid_alive, _process_space, stop_process)
 from .schema import Sweep
 from .space import _optuna_grid_params, render_command, sample_params
@@ -55,6 +55,8 @@ class Agent:
         self.failed = 0
         self.started = time.time()
         self.signal = None  # set by the first Ctrl-C / SIGTERM
+        self.warned_blind = False  # said that a trial logged nothing we can read
+        self.pruned_at = None  # the iteration at which hyperband stopped the last pruned trial
 
     # ----- shared-study bookkeeping
     def _trials(self, states=None):
@@ -193,7 +195,8 @@ class Agent:
         env.update(SWEEP_METRICS_FILE=str(metrics_file), SWEEP_TRIAL_DIR=str(tdir),
                    WANDB_RUN_ID=f"{slug}-t{trial.number}-{uuid.uuid4().hex[:6]}",
                    WANDB_NAME=f"{self.study_name}-trial-{trial.number}",
-                   WANDB_SWEEP_PARAM_PATH=str(wandb_config))
+                   WANDB_SWEEP_PARAM_PATH=str(wandb_config), WANDB_DIR=str(tdir))
+        env.setdefault("WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", WANDB_FLUSH_SECONDS)  # so we see values while it runs
         env.setdefault("PYTHONUNBUFFERED", "1")  # so log.txt follows the run live
         for key in ("project", "entity"):
             if key in sweep.config:
@@ -208,7 +211,7 @@ class Agent:
         self._line(trial.number, "started", None, None, params)
 
         start = time.time()
-        tail = MetricsTail(metrics_file, sweep.metric)
+        tail = TrialMetrics(metrics_file, tdir, sweep.metric, env["WANDB_RUN_ID"])
         pruner = self.study.pruner if isinstance(self.study.pruner, WandbHyperbandPruner) else None
         state, rc, note = None, None, ""
         with open(log_file, "wb") as log:
@@ -237,10 +240,12 @@ class Agent:
             note = f"exit code {rc}" + (f" ({signal.Signals(-rc).name})" if rc < 0 else "")
         elif state == "pruned":
             band, threshold = pruner.last
-            note = f"stopped by hyperband at iteration {tail.count} (band {band}, " \
+            note = f"stopped by hyperband at iteration {self.pruned_at} (band {band}, " \
                    f"threshold {_fmt(threshold)})"
         elif state == "finished" and sweep.metric and value is None:
-            note = f"{sweep.metric} was never logged"
+            note = f"{sweep.metric} was never logged" + (
+                f" (it logged {', '.join(sorted(k for k in tail.keys if not k.startswith('_'))[:8])})"
+                if tail.keys else "")
         record = dict(number=trial.number, state=state, value=value, iterations=tail.count,
                       exit_code=rc, duration_s=round(duration, 3), params=params, dir=str(tdir),
                       log_tail=_log_tail(log_file) if state == "failed" else "", note=note)
@@ -248,6 +253,14 @@ class Agent:
         self._line(trial.number, state, value, duration, params, note)
         if state == "failed":
             print("        " + "\n        ".join(record["log_tail"].splitlines()[-5:]))
+        if state == "finished" and sweep.metric and not tail.keys and not self.warned_blind:
+            self.warned_blind = True
+            mode = os.environ.get("WANDB_MODE")
+            print(f"  WARNING: trial {trial.number} logged nothing this agent can read, so bayes, hyperband and "
+                  f"metric.target cannot see {sweep.metric}: no wandb run under {tdir / 'wandb'}"
+                  + (f" (WANDB_MODE={mode} writes none; use offline or online)" if mode == "disabled" else "")
+                  + " and nothing in $SWEEP_METRICS_FILE. Log it with wandb.log (after wandb.init) or append "
+                  f"JSON lines such as {{\"{sweep.metric}\": 0.5}} to $SWEEP_METRICS_FILE", flush=True)
         return record
 
     def _watch(self, trial, proc, tail, pruner):
@@ -260,6 +273,11 @@ class Agent:
                 first = tail.count - len(new) + 1
                 for i, value in enumerate(new):  # step = iteration number, as hyperband counts
                     trial.report(value, step=first + i)
+                    # values arrive in bursts (wandb writes its history every few seconds): judge each one
+                    if pruner and trial.should_prune():
+                        stop_process(proc, self.kill_timeout)
+                        self.pruned_at = first + i
+                        return "pruned", proc.returncode
                 if rc is not None:
                     return None, rc
                 if self.signal is not None:
@@ -267,10 +285,11 @@ class Agent:
                           f"{self.kill_timeout:g} s)")
                     stop_process(proc, self.kill_timeout)
                     return "interrupted", proc.returncode
-                if pruner and tail.count and (new or now - last_check > PRUNE_RECHECK_SECONDS):
-                    last_check = now
+                if pruner and tail.count and now - last_check > PRUNE_RECHECK_SECONDS:
+                    last_check = now  # thresholds tighten as other runs report
                     if trial.should_prune():
                         stop_process(proc, self.kill_timeout)
+                        self.pruned_at = tail.count
                         return "pruned", proc.returncode
                 if now - last_beat > HEARTBEAT_SECONDS:
                     trial.set_user_attr("sweep_heartbeat", now)

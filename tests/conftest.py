@@ -1,6 +1,7 @@
 """Shared test set-up: offline, repo root importable, a private cache, tiny fixtures."""
 
 import os
+import shlex
 import sys
 
 import pytest
@@ -67,3 +68,22 @@ def text_corpus(tmp_path_factory):
     (folder / "train.txt").write_text("\n".join(lines[:260]) + "\n", encoding="utf-8")
     (folder / "validation.txt").write_text("\n".join(lines[260:]) + "\n", encoding="utf-8")
     return folder
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty folder to run the sweep agent in, with `python` on PATH being this interpreter, offline."""
+    # ${interpreter} is plain "python" (as in wandb): make it this interpreter, through a script that execs it.
+    # A symlink would not do: Python started through a link outside a virtual environment does not find the
+    # environment's pyvenv.cfg and runs as the base interpreter, without the environment's packages.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (bindir / "python").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("WANDB_AGENT_DISABLE_FLAPPING", "WANDB_AGENT_MAX_INITIAL_FAILURES"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -24,25 +24,6 @@ import sweep  # noqa: E402
 from sweep_agent import config, hyperband, runs, schema, space, storage  # noqa: E402
 
 PROGRAM = ROOT / "tests" / "fixtures" / "sweep_program.py"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    # ${interpreter} is plain "python" (as in wandb): make it this interpreter, through a script that execs it.
-    # A symlink would not do: Python started through a link outside a virtual environment does not find the
-    # environment's pyvenv.cfg and runs as the base interpreter, without the environment's packages.
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
-    (bindir / "python").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-    for key in ("WANDB_AGENT_DISABLE_FLAPPING", "WANDB_AGENT_MAX_INITIAL_FAILURES"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def write_sweep(folder, parameters, method="grid", name="sweep", **extra):
