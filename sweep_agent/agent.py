@@ -236,7 +236,7 @@ class Agent:
         if state is None:
             state = "finished" if rc == 0 else "failed"
         if state == "failed":
-            self.failed += 1
+            self.failed += rc > 0  # as wandb agent: a run killed by a signal is not a failure of the program
             note = f"exit code {rc}" + (f" ({signal.Signals(-rc).name})" if rc < 0 else "")
         elif state == "pruned":
             band, threshold = pruner.last

@@ -320,6 +320,16 @@ def test_flapping_guard_stops_a_broken_program(workdir, capsys):
     assert "failed within 60 s" in capsys.readouterr().out
 
 
+def test_runs_killed_by_a_signal_are_failed_but_not_counted_by_the_failure_guards(workdir, capsys):
+    """wandb agent counts only exit codes > 0 towards flapping and failing; a run killed by a signal (say, the
+    OOM killer) is recorded as failed but does not stop the agent."""
+    path = write_sweep(workdir, {"killed": {"value": True}, "x": {"min": 0.0, "max": 1.0}}, method="random")
+    result = run(path, "--count", "6")
+    assert result.exit_code == 0 and len(result.records) == 6 and result.stop_reason == "--count 6 reached"
+    assert {r["state"] for r in result.records} == {"failed"} and {r["exit_code"] for r in result.records} == {-9}
+    assert "exit code -9 (SIGKILL)" in capsys.readouterr().out
+
+
 def test_run_cap_counts_across_agent_runs(workdir):
     path = write_sweep(workdir, {"x": {"min": 0.0, "max": 1.0}, "steps": {"value": 1}},
                        method="random", run_cap=3, metric={"name": "eval/loss"})
