@@ -262,10 +262,10 @@ def test_bayes_sweep_finishes_with_outputs(workdir):
 
 
 def test_plots_are_written(workdir):
-    path = write_sweep(workdir, {"x": {"min": -2.0, "max": 2.0}, "steps": {"value": 2}},
-                       method="random", name="plots", metric={"name": "eval/accuracy",
-                                                              "goal": "maximize"})
-    sweep.main([str(path), "--count", "3"])
+    path = write_sweep(workdir, {"x": {"min": -2.0, "max": 2.0}, "quality": {"min": 0.0, "max": 1.0},
+                                 "steps": {"value": 2}},
+                       method="random", name="plots", metric={"name": "eval/accuracy", "goal": "maximize"})
+    sweep.main([str(path), "--count", "20"])  # 20: what an importance of two parameters needs
     out = workdir / "sweeps_runs" / "plots"
     for name in ("optimization_history.png", "parallel_coordinates.png",
                  "param_importances.png", "intermediate_values.png"):
@@ -279,7 +279,62 @@ def test_plots_skip_importances_with_one_trial(workdir, capsys):
     out = workdir / "sweeps_runs" / "one"
     assert (out / "optimization_history.png").is_file()
     assert not (out / "param_importances.png").exists()
-    assert "skipped param_importances.png" in capsys.readouterr().out
+    assert "skipped param_importances.png: 0 parameter(s) took more than one value" in capsys.readouterr().out
+
+
+def test_plots_show_the_values_the_runs_got_under_their_names(workdir, capsys):
+    """Optuna samples normal, log_normal, beta and q_* through a quantile or a raw value, and lists by index; the
+    plots show what each run was given (x, not x[quantile]), on a log axis where the distribution is log."""
+    from sweep_agent import report
+
+    params = {"quality": {"distribution": "normal", "mu": 1.0, "sigma": 0.3},
+              "batch": {"distribution": "q_log_uniform_values", "min": 8, "max": 256, "q": 8},
+              "layers": {"values": [[1, 2], [3, 4], [5]]},
+              "opt": {"distribution": "categorical_w_probabilities", "values": ["adam", "sgd"],
+                      "probabilities": [0.5, 0.5]},
+              "steps": {"value": 1}}
+    path = write_sweep(workdir, params, method="random", metric={"name": "eval/loss"})
+    sweep.main([str(path), "--count", "8", "--seed", "3"])
+    assert "skipped param_importances.png: 8 finished trials; with 4 parameters that varied an importance needs 40" \
+        in capsys.readouterr().out
+    study = optuna.load_study(study_name="sweep", storage=storage.make_storage(None, workdir / "sweeps_runs" / "sweep"))
+    assert any("[" in name for t in study.trials for name in t.params)  # what Optuna sampled
+    shown = report.plot_study(study, config.load_sweep(str(path)))
+    rows = {int(r["trial"]): r for r in load_trials(workdir / "sweeps_runs" / "sweep")}
+    for t in shown.trials:
+        assert set(t.params) == {"quality", "batch", "layers", "opt"}  # steps took one value: left out
+        row = rows[t.number]
+        assert t.params["quality"] == float(row["quality"]) and t.params["batch"] == int(row["batch"])
+        assert t.params["layers"] == row["layers"] and t.params["opt"] == row["opt"]
+        assert t.value == float(row["eval/loss"])
+    assert shown.trials[0].distributions["batch"].log and not shown.trials[0].distributions["quality"].log
+
+
+def test_plots_are_readable_with_many_trials():
+    """Optuna's parallel coordinates colour the best trial white on a grey background, and its intermediate
+    values legend lists every trial (past the figure at 30)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.colors import to_rgb
+    from optuna.visualization import matplotlib as vis
+
+    from sweep_agent import report
+
+    study = optuna.create_study()
+    for i in range(30):
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": i / 30, "y": float(i % 7)}, value=float(i), intermediate_values={1: i + 1.0, 2: float(i)},
+            distributions={"x": optuna.distributions.FloatDistribution(0, 1),
+                           "y": optuna.distributions.FloatDistribution(0, 6)}))
+    ax = vis.plot_parallel_coordinate(study)
+    lines = next(c for c in ax.collections if c.get_array() is not None)
+    assert max(min(to_rgb(lines.get_cmap()(q))) for q in (0.0, 1.0)) > 0.95  # Optuna's: white at one end
+    report._readable("parallel_coordinates.png", ax, study.trials)
+    assert all(min(to_rgb(lines.get_cmap()(q))) < 0.9 for q in (0.0, 0.5, 1.0))
+    ax = vis.plot_intermediate_values(study)
+    assert len(ax.get_legend().get_texts()) == 30
+    report._readable("intermediate_values.png", ax, study.trials)
+    assert ax.get_legend() is None and "(30 trials)" in ax.get_title()
 
 
 def test_hyperband_stops_weak_runs_early(workdir):
