@@ -22,15 +22,14 @@ from optuna.trial import TrialState
 
 from .hyperband import WandbHyperbandPruner
 from .report import report
+from .liveness import HEARTBEAT_SECONDS, _given_up_at, _pid_alive, _process_space
 from .runs import (KILL_TIMEOUT, POLL_SECONDS, WANDB_FLUSH_SECONDS, TrialMetrics, _die_with_parent, _fmt, _log_tail,
-                   _params_text, _pid_alive, _process_space, stop_process)
+                   _params_text, stop_process)
 from .schema import Sweep
 from .space import _optuna_grid_params, render_command, sample_params
 
 # Mirrors wandb agent: 3 failures in the first 60 s is "flapping"; 5 failures with at most one success is "failing".
 FLAPPING_SECONDS, FLAPPING_FAILURES, MAX_INITIAL_FAILURES = 60, 3, 5
-HEARTBEAT_SECONDS = 30.0
-STALE_SECONDS = 300.0  # no heartbeat for this long: the agent that ran the trial is gone
 PRUNE_RECHECK_SECONDS = 5.0  # thresholds tighten as other runs report, so re-check now and then
 
 
@@ -81,8 +80,7 @@ class Agent:
             owner = t.user_attrs.get("sweep_agent")
             if owner == self.agent_id:
                 continue
-            beat = t.user_attrs.get("sweep_heartbeat") or t.datetime_start.timestamp()
-            dead = now - beat > STALE_SECONDS
+            dead = now > _given_up_at(t)
             host, pid, _ = (owner or "::").rsplit(":", 2)
             if host == self.host and pid.isdigit():  # same machine: no need to wait
                 dead = dead or not _pid_alive(int(pid))
@@ -128,12 +126,16 @@ class Agent:
         held = []
         for t in trials:
             if t.state == TrialState.RUNNING and t.user_attrs.get("sweep_agent") != self.agent_id:
-                beat = t.user_attrs.get("sweep_heartbeat") or t.datetime_start.timestamp()
-                until = time.strftime("%H:%M:%S", time.localtime(beat + STALE_SECONDS))
+                until = time.strftime("%H:%M:%S", time.localtime(_given_up_at(t)))
                 held.append(f"trial {t.number} (grid point {t.user_attrs.get('sweep_grid_index')}, agent "
                             f"{t.user_attrs.get('sweep_agent', '?')}; re-queued at {until} if its heartbeat stops)")
         return ("; still running elsewhere: " + ", ".join(held) + ". Start an agent after that to run any "
                 "point whose agent died") if held else ""
+
+    def _orphans(self) -> list:
+        """Running trials no agent named itself on: their agent died as it took them. Unlike points held by live
+        agents elsewhere, they come back soon (OWNERLESS_SECONDS), so an agent with nothing else to run waits."""
+        return [t for t in self._trials((TrialState.RUNNING,)) if not t.user_attrs.get("sweep_agent")]
 
     def _discard(self, trial, requeue: bool):
         trial.set_user_attr("sweep_discount", True)
@@ -154,6 +156,7 @@ class Agent:
         """Ask for a trial; returns (trial, None) or (None, reason to stop)."""
         while True:
             trial = self.study.ask()
+            trial.set_user_attr("sweep_agent", self.agent_id)
             grid_index = trial.user_attrs.get("sweep_grid_index")
             if self.grid is not None and grid_index is None:  # the queue ran dry under us
                 self._discard(trial, requeue=False)
@@ -365,10 +368,12 @@ class Agent:
                     reason = f"--count {self.count} reached"
                     break
                 self.reap_dead_trials()
-                reason = self._stop_reason()
-                if reason:
-                    break
-                trial, reason = self._claim()
+                trial, reason = None, self._stop_reason()
+                if not reason:
+                    trial, reason = self._claim()
+                if trial is None and reason.startswith("grid finished") and self._orphans():
+                    time.sleep(1)  # an orphaned point is re-queued within OWNERLESS_SECONDS: stay to run it
+                    continue
                 if trial is None:
                     break
                 self.records.append(self.run_trial(trial))

@@ -1,4 +1,4 @@
-"""Running one program: reading what it logs, stopping it, and naming the process space it runs in."""
+"""Running one program: reading what it logs (its wandb run file or $SWEEP_METRICS_FILE) and stopping it."""
 from __future__ import annotations
 
 import ctypes
@@ -220,35 +220,3 @@ def _flat(params: dict, prefix="") -> dict:
 
 def _params_text(params: dict) -> str:
     return " ".join(f"{k}={_fmt(v)}" for k, v in _flat(params).items())
-
-
-def _first_line_of(*paths) -> str:
-    """The first 12 characters of the first of these files that can be read ("" if none)."""
-    for path in paths:
-        try:
-            return Path(path).read_text().strip()[:12]
-        except OSError:
-            pass
-    return ""
-
-
-def _process_space() -> str:
-    """Where a pid means the same process: the machine (machine-id), its boot (cloned VMs share a machine-id, not
-    a boot id) and the PID namespace (containers share both). Agents that differ here judge each other only by
-    heartbeat, never by whether a pid exists."""
-    try:
-        pid_namespace = os.readlink("/proc/self/ns/pid").strip("pid:[]")
-    except OSError:
-        pid_namespace = ""
-    return "/".join((_first_line_of("/etc/machine-id", "/var/lib/dbus/machine-id"),
-                     _first_line_of("/proc/sys/kernel/random/boot_id"), pid_namespace))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

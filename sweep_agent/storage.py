@@ -75,6 +75,10 @@ def make_storage(storage_arg, sweep_dir: Path):
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
+QUEUE_STAMP_EVERY = 50  # grid points queued between two progress stamps
+QUEUE_STALE_SECONDS = 30.0  # an agent queueing the grid that stamps nothing for this long is taken for dead
+
+
 def open_study(sweep: Sweep, storage, study_name, sampler, pruner, grid):
     """Create the study (the first agent also queues the grid) or join the existing one."""
     fingerprint = json.dumps({"method": sweep.method, "parameters": sweep.config["parameters"],
@@ -89,9 +93,15 @@ def open_study(sweep: Sweep, storage, study_name, sampler, pruner, grid):
                                   pruner=pruner)
         created = False
     if not created:
-        deadline = time.time() + 30  # another agent may be queueing the grid right now
-        while "sweep_ready" not in study.user_attrs and time.time() < deadline:
-            time.sleep(0.2)
+        # Another agent may be queueing the grid right now (2,000 points take ~45 s on PostgreSQL): wait while it
+        # stamps its progress; take over only when it has shown none for QUEUE_STALE_SECONDS (it died).
+        stamp, stamped_at = None, time.time()
+        while "sweep_ready" not in study.user_attrs:
+            if study.user_attrs.get("sweep_queue_stamp") != stamp:
+                stamp, stamped_at = study.user_attrs.get("sweep_queue_stamp"), time.time()
+            elif time.time() - stamped_at > QUEUE_STALE_SECONDS:
+                break
+            time.sleep(0.5)
         if "sweep_ready" in study.user_attrs:
             if study.user_attrs.get("sweep_fingerprint") != fingerprint:
                 raise ConfigError(
@@ -104,6 +114,8 @@ def open_study(sweep: Sweep, storage, study_name, sampler, pruner, grid):
     if grid is not None:
         queued = {t.user_attrs.get("sweep_grid_index") for t in study.get_trials(deepcopy=False)}
         for index, point in enumerate(grid):
+            if index % QUEUE_STAMP_EVERY == 0:
+                study.set_user_attr("sweep_queue_stamp", [index, time.time()])
             if index not in queued:
                 study.enqueue_trial(_optuna_grid_params(sweep.params, point),
                                     user_attrs={"sweep_grid_index": index})

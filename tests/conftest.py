@@ -1,8 +1,13 @@
 """Shared test set-up: offline, repo root importable, a private cache, tiny fixtures."""
 
+import glob
 import os
 import shlex
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -87,3 +92,51 @@ def workdir(tmp_path, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def _postgres_program(name):
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of the tests' own on localhost, started from the distribution's binaries (.ci/run
+    installs them); skips, saying why, where there are none or no driver. Yields a function that creates a new
+    empty database and returns its URL."""
+    psycopg = pytest.importorskip("psycopg", reason="no psycopg: pip install 'psycopg[binary]' (requirements.txt)")
+    initdb, pg_ctl = _postgres_program("initdb"), _postgres_program("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("no PostgreSQL server here (initdb, pg_ctl): install the distribution's postgresql package")
+    base, as_user = tempfile.mkdtemp(prefix="sweep-postgres-"), []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the package's postgres user
+        import pwd
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    data = os.path.join(base, "data")
+    subprocess.run(as_user + [initdb, "-D", data, "-U", "sweeps", "--auth=trust", "-E", "UTF8"], check=True,
+                   capture_output=True)
+    options = f"-p {port} -k {base} -c listen_addresses=localhost -c max_connections=300 -c fsync=off"
+    subprocess.run(as_user + [pg_ctl, "-D", data, "-o", options, "-l", os.path.join(base, "log"), "-w", "start"],
+                   check=True, capture_output=True)
+    made = []
+
+    def new_database():
+        name = f"sweeps{len(made)}"
+        with psycopg.connect(f"host=localhost port={port} user=sweeps dbname=postgres", autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {name}")
+        made.append(name)
+        return f"postgresql+psycopg://sweeps@localhost:{port}/{name}"
+
+    try:
+        yield new_database
+    finally:
+        subprocess.run(as_user + [pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
