@@ -24,12 +24,14 @@ finite metric.name value. A run that logs nothing the agent can read is reported
 
 How agents share a sweep: the study lives in an Optuna storage (default: a journal file in the
 sweep dir, safe for many processes on one machine; --storage URL for several machines). The agent
-that creates the study queues every grid point as a WAITING trial; agents pop them atomically, and a
-point queued twice (by an agent that joined while the grid was still being queued) runs once. run_cap
-counts every trial that started, across agents. Each running trial carries its agent's id and a
-heartbeat; a trial whose agent died (same machine, boot and PID namespace: its pid is gone; elsewhere:
-no heartbeat for 5 minutes) is marked "lost" and its parameters re-queued. Ctrl-C marks the current
-trial "interrupted" and re-queues it too, so rerunning the command resumes the sweep.
+that creates the study queues every grid point as a WAITING trial (agents that join meanwhile wait while
+it shows progress); agents pop them atomically, and a point queued twice (by an agent that took over
+from one that died queueing) runs once. run_cap counts every trial that started, across agents. Each
+running trial carries its agent's id and a heartbeat; a trial whose agent died (same machine, boot and
+PID namespace: its pid is gone; elsewhere: no heartbeat for 5 minutes; killed before it named itself
+on the trial: 30 s) is marked "lost" and its parameters re-queued. Ctrl-C marks the current trial
+"interrupted" and re-queues it too, so rerunning the command resumes the sweep. Failed runs count
+towards wandb agent's flapping and failing guards only when they exit with a code > 0, as there.
 Each logged metric value is reported to Optuna as an intermediate value (step = iteration), and a
 custom pruner applies W&B's hyperband rule to those values of all trials in the study.
 Trial states: finished, failed, pruned, interrupted, lost.

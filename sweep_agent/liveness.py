@@ -1,4 +1,8 @@
-"""Who runs a trial, and whether it is still alive: an agent's process space, its pid, its heartbeat."""
+"""Who runs a trial, and whether it is still alive: an agent's process space, its pid, its heartbeat.
+
+The heartbeat is the agent's own (a trial user attribute), the same on every storage: Optuna's heartbeat exists
+only in RDBStorage and only inside Study.optimize (Study.ask warns that it "is supposed to be used with
+Study.optimize"), while the agent asks and tells to run programs of its own."""
 from __future__ import annotations
 
 import os
