@@ -195,6 +195,7 @@ class Agent:
         metrics_file.touch()
         slug = re.sub(r"[^A-Za-z0-9_-]+", "-", self.study_name)[:32]
         env = dict(os.environ)
+        env.pop("WANDB_SERVICE", None)  # the address of some other process's wandb service: each run starts its own
         env.update(SWEEP_METRICS_FILE=str(metrics_file), SWEEP_TRIAL_DIR=str(tdir),
                    WANDB_RUN_ID=f"{slug}-t{trial.number}-{uuid.uuid4().hex[:6]}",
                    WANDB_NAME=f"{self.study_name}-trial-{trial.number}",

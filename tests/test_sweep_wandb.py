@@ -56,6 +56,8 @@ def test_the_wandb_file_is_read_as_it_grows_across_blocks_and_torn_writes(tmp_pa
 
 def test_a_plain_wandb_log_program_runs_as_a_bayes_sweep_with_hyperband(workdir, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
+    # what a process that ran wandb.init leaves in its environment: runs must not inherit it (they failed to connect)
+    monkeypatch.setenv("WANDB_SERVICE", "3-99999-unix-/tmp/wandb-service-long-gone/socket")
     path = write(workdir, "wandb_log_program.py", {"x": {"min": 0.0, "max": 1.0}, "epochs": {"value": 6},
                                                    "sleep": {"value": 0.7}},
                  early_terminate={"type": "hyperband", "min_iter": 2, "eta": 3})
