@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
-import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -17,16 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import yaml
 from optuna.trial import TrialState
 
 from .hyperband import WandbHyperbandPruner
-from .report import report
 from .liveness import HEARTBEAT_SECONDS, _given_up_at, _pid_alive, _process_space
-from .runs import (KILL_TIMEOUT, POLL_SECONDS, WANDB_FLUSH_SECONDS, TrialMetrics, _die_with_parent, _fmt, _log_tail,
-                   _params_text, stop_process)
+from .report import report
+from .runs import (KILL_TIMEOUT, POLL_SECONDS, TrialMetrics, _die_with_parent, _fmt, _log_tail, _params_text,
+                   prepare_run, stop_process)
 from .schema import Sweep
-from .space import _optuna_grid_params, render_command, sample_params
+from .space import _optuna_grid_params, sample_params
 
 # Mirrors wandb agent: 3 failures in the first 60 s is "flapping"; 5 failures with at most one success is "failing".
 FLAPPING_SECONDS, FLAPPING_FAILURES, MAX_INITIAL_FAILURES = 60, 3, 5
@@ -132,6 +128,21 @@ class Agent:
         return ("; still running elsewhere: " + ", ".join(held) + ". Start an agent after that to run any "
                 "point whose agent died") if held else ""
 
+    def _requeue_missing_points(self) -> int:
+        """Queue again the grid points that no trial holds (queued, running, or run to an end that counts): an
+        agent killed between failing a lost or interrupted trial and queueing it again dropped them. Returns how
+        many; a point that two agents queue again at once runs once (see _point_taken)."""
+        held = {t.user_attrs.get("sweep_grid_index") for t in self._trials()
+                if t.state in (TrialState.WAITING, TrialState.RUNNING) or not t.user_attrs.get("sweep_discount")}
+        missing = [index for index in range(len(self.grid)) if index not in held]
+        for index in missing:
+            self.study.enqueue_trial(_optuna_grid_params(self.sweep.params, self.grid[index]),
+                                     user_attrs={"sweep_grid_index": index})
+        if missing:
+            print(f"  grid points {', '.join(map(str, missing))} had no trial (an agent died re-queueing them); "
+                  f"queued again")
+        return len(missing)
+
     def _orphans(self) -> list:
         """Running trials no agent named itself on: their agent died as it took them. Unlike points held by live
         agents elsewhere, they come back soon (OWNERLESS_SECONDS), so an agent with nothing else to run waits."""
@@ -186,28 +197,8 @@ class Agent:
         sweep = self.sweep
         params = sample_params(trial, sweep.params, grid=self.grid is not None)
         tdir = self._trial_dir(trial.number).resolve()
-        params_file, metrics_file, log_file = (tdir / "params.json", tdir / "metrics.jsonl",
-                                               tdir / "log.txt")
-        params_file.write_text(json.dumps(params))
-        wandb_config = tdir / "wandb-sweep-config.yaml"  # the format wandb agent writes
-        wandb_config.write_text("wandb_version: 1\n\n" + yaml.safe_dump(
-            {k: {"value": v} for k, v in params.items()}, sort_keys=False))
-        metrics_file.touch()
-        slug = re.sub(r"[^A-Za-z0-9_-]+", "-", self.study_name)[:32]
-        env = dict(os.environ)
-        env.pop("WANDB_SERVICE", None)  # the address of some other process's wandb service: each run starts its own
-        env.update(SWEEP_METRICS_FILE=str(metrics_file), SWEEP_TRIAL_DIR=str(tdir),
-                   WANDB_RUN_ID=f"{slug}-t{trial.number}-{uuid.uuid4().hex[:6]}",
-                   WANDB_NAME=f"{self.study_name}-trial-{trial.number}",
-                   WANDB_SWEEP_PARAM_PATH=str(wandb_config), WANDB_DIR=str(tdir))
-        env.setdefault("WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", WANDB_FLUSH_SECONDS)  # so we see values while it runs
-        env.setdefault("PYTHONUNBUFFERED", "1")  # so log.txt follows the run live
-        for key in ("project", "entity"):
-            if key in sweep.config:
-                env.setdefault(f"WANDB_{key.upper()}", sweep.config[key])
-        argv = render_command(sweep.command, sweep.program, params, args_json_file=params_file,
-                              environ=env)
-        (tdir / "command.txt").write_text(shlex.join(argv) + "\n")
+        argv, env = prepare_run(tdir, params, sweep, f"{self.study_name}-trial-{trial.number}")
+        metrics_file, log_file = tdir / "metrics.jsonl", tdir / "log.txt"
         for key, value in dict(sweep_params=params, sweep_dir=str(tdir),
                                sweep_agent=self.agent_id, sweep_heartbeat=time.time(),
                                sweep_state="running").items():
@@ -372,9 +363,12 @@ class Agent:
                 trial, reason = None, self._stop_reason()
                 if not reason:
                     trial, reason = self._claim()
-                if trial is None and reason.startswith("grid finished") and self._orphans():
-                    time.sleep(1)  # an orphaned point is re-queued within OWNERLESS_SECONDS: stay to run it
-                    continue
+                if trial is None and reason.startswith("grid finished"):
+                    if self._requeue_missing_points():
+                        continue
+                    if self._orphans():
+                        time.sleep(1)  # an orphaned point is re-queued within OWNERLESS_SECONDS: stay to run it
+                        continue
                 if trial is None:
                     break
                 self.records.append(self.run_trial(trial))

@@ -5,15 +5,44 @@ import ctypes
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
+import uuid
 from pathlib import Path
 
+import yaml
+
 from .schema import _is_num
+from .space import render_command
 
 KILL_TIMEOUT = 30.0  # wandb agent's grace between SIGTERM and SIGKILL
 POLL_SECONDS = 0.2
 WANDB_FLUSH_SECONDS = "2"  # how often a run's wandb writes its history to disk (wandb's default: 15 s)
+
+
+def prepare_run(tdir: Path, params: dict, sweep, name: str) -> tuple[list[str], dict]:
+    """Write a trial's files (params.json, wandb's sweep config, metrics.jsonl, command.txt) in its folder and
+    return its command line and environment (the contract in sweep.py's docstring)."""
+    params_file, wandb_config, metrics_file = tdir / "params.json", tdir / "wandb-sweep-config.yaml", tdir / "metrics.jsonl"
+    params_file.write_text(json.dumps(params))
+    wandb_config.write_text("wandb_version: 1\n\n" + yaml.safe_dump(  # the format wandb agent writes
+        {k: {"value": v} for k, v in params.items()}, sort_keys=False))
+    metrics_file.touch()
+    env = dict(os.environ)
+    env.pop("WANDB_SERVICE", None)  # the address of some other process's wandb service: each run starts its own
+    env.update(SWEEP_METRICS_FILE=str(metrics_file), SWEEP_TRIAL_DIR=str(tdir), WANDB_NAME=name,
+               WANDB_RUN_ID=f"{re.sub(r'[^A-Za-z0-9_-]+', '-', name)[-40:]}-{uuid.uuid4().hex[:6]}",
+               WANDB_SWEEP_PARAM_PATH=str(wandb_config), WANDB_DIR=str(tdir))
+    env.setdefault("WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", WANDB_FLUSH_SECONDS)  # so we see values while it runs
+    env.setdefault("PYTHONUNBUFFERED", "1")  # so log.txt follows the run live
+    for key in ("project", "entity"):
+        if key in sweep.config:
+            env.setdefault(f"WANDB_{key.upper()}", sweep.config[key])
+    argv = render_command(sweep.command, sweep.program, params, args_json_file=params_file, environ=env)
+    (tdir / "command.txt").write_text(shlex.join(argv) + "\n")
+    return argv, env
 
 
 class _Tail:

@@ -519,6 +519,23 @@ def test_grid_points_queued_twice_run_once(workdir):
     assert sorted(float(r["quality"]) for r in finished) == [1.0, 2.0, 3.0]
 
 
+def test_a_grid_point_whose_requeue_was_cut_off_is_queued_again(workdir, capsys):
+    """An agent killed between failing a lost trial and queueing its point again (it happened in a chaos run on
+    PostgreSQL) left the point with no trial: the other agents said "grid finished" without it."""
+    path = write_sweep(workdir, {"quality": {"values": [1.0, 2.0, 3.0]}, "steps": {"value": 1}},
+                       metric={"name": "eval/loss"})
+    sw = config.load_sweep(str(path))
+    study = storage.open_study(sw, storage.make_storage(None, workdir / "sweeps_runs" / "sweep"), "sweep",
+                               optuna.samplers.RandomSampler(), optuna.pruners.NopPruner(), space.grid_points(sw.params))
+    cut = study.ask()  # grid point 0, run by an agent that died; the reaper failed it, then died too
+    cut.set_user_attr("sweep_state", "lost")
+    cut.set_user_attr("sweep_discount", True)
+    study.tell(cut, state=optuna.trial.TrialState.FAIL)
+    result = run(path)
+    assert sorted(r["params"]["quality"] for r in result.records) == [1.0, 2.0, 3.0]
+    assert "grid points 0 had no trial (an agent died re-queueing them); queued again" in capsys.readouterr().out
+
+
 def test_agents_in_another_pid_namespace_are_judged_by_heartbeat(workdir, capsys):
     """Two containers (or cloned VMs) share hostname and machine-id but not pids: an agent's identity includes the
     boot id and PID namespace, so a live trial of the other is not declared lost because its pid is not visible
