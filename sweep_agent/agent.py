@@ -22,10 +22,12 @@ from .report import report
 from .runs import (KILL_TIMEOUT, POLL_SECONDS, TrialMetrics, _die_with_parent, _fmt, _log_tail, _params_text,
                    prepare_run, stop_process)
 from .schema import Sweep
-from .space import _optuna_grid_params, sample_params
+from .space import sample_params
+from .storage import missing_grid_points, queue_grid_point
 
 # Mirrors wandb agent: 3 failures in the first 60 s is "flapping"; 5 failures with at most one success is "failing".
 FLAPPING_SECONDS, FLAPPING_FAILURES, MAX_INITIAL_FAILURES = 60, 3, 5
+GRID_FINISHED = "grid finished: every point has been run or is running"
 PRUNE_RECHECK_SECONDS = 5.0  # thresholds tighten as other runs report, so re-check now and then
 
 
@@ -64,8 +66,7 @@ class Agent:
         """Queue an unfinished trial's parameters again: the next trial of the study (any agent's) runs them."""
         index = t.user_attrs.get("sweep_grid_index")
         if self.grid is not None and index is not None:
-            self.study.enqueue_trial(_optuna_grid_params(self.sweep.params, self.grid[index]),
-                                     user_attrs={"sweep_grid_index": index})
+            queue_grid_point(self.study, self.sweep, self.grid, index)
         elif self.grid is None:
             self.study.enqueue_trial(dict(t.params), user_attrs={"sweep_requeued_from": t.number})
 
@@ -114,7 +115,7 @@ class Agent:
         if self.sweep.run_cap and sum(map(self._counted, trials)) >= self.sweep.run_cap:
             return f"run_cap {self.sweep.run_cap} reached"
         if self.grid is not None and not any(t.state == TrialState.WAITING for t in trials):
-            return "grid finished: every point has been run or is running" + self._held_elsewhere(trials)
+            return GRID_FINISHED + self._held_elsewhere(trials)
         return None
 
     def _held_elsewhere(self, trials) -> str:
@@ -132,12 +133,9 @@ class Agent:
         """Queue again the grid points that no trial holds (queued, running, or run to an end that counts): an
         agent killed between failing a lost or interrupted trial and queueing it again dropped them. Returns how
         many; a point that two agents queue again at once runs once (see _point_taken)."""
-        held = {t.user_attrs.get("sweep_grid_index") for t in self._trials()
-                if t.state in (TrialState.WAITING, TrialState.RUNNING) or not t.user_attrs.get("sweep_discount")}
-        missing = [index for index in range(len(self.grid)) if index not in held]
+        missing = missing_grid_points(self._trials(), len(self.grid))
         for index in missing:
-            self.study.enqueue_trial(_optuna_grid_params(self.sweep.params, self.grid[index]),
-                                     user_attrs={"sweep_grid_index": index})
+            queue_grid_point(self.study, self.sweep, self.grid, index)
         if missing:
             print(f"  grid points {', '.join(map(str, missing))} had no trial (an agent died re-queueing them); "
                   f"queued again")
@@ -171,7 +169,7 @@ class Agent:
             grid_index = trial.user_attrs.get("sweep_grid_index")
             if self.grid is not None and grid_index is None:  # the queue ran dry under us
                 self._discard(trial, requeue=False)
-                return None, self._stop_reason() or "grid finished: every point has been run or is running"
+                return None, self._stop_reason() or GRID_FINISHED
             if grid_index is None or not self._point_taken(trial, grid_index):
                 break
             self._discard(trial, requeue=False)
@@ -199,9 +197,8 @@ class Agent:
         tdir = self._trial_dir(trial.number).resolve()
         argv, env = prepare_run(tdir, params, sweep, f"{self.study_name}-trial-{trial.number}")
         metrics_file, log_file = tdir / "metrics.jsonl", tdir / "log.txt"
-        for key, value in dict(sweep_params=params, sweep_dir=str(tdir),
-                               sweep_agent=self.agent_id, sweep_heartbeat=time.time(),
-                               sweep_state="running").items():
+        for key, value in dict(sweep_params=params, sweep_dir=str(tdir), sweep_heartbeat=time.time(),
+                               sweep_state="running").items():  # sweep_agent: set by _claim
             trial.set_user_attr(key, value)
         self._line(trial.number, "started", None, None, params)
 
@@ -354,7 +351,6 @@ class Agent:
               f"params", flush=True)
         reason, exit_code = None, 0
         try:
-            self.reap_dead_trials()
             while self.signal is None:
                 if self.count is not None and len(self.records) >= self.count:
                     reason = f"--count {self.count} reached"
@@ -363,7 +359,7 @@ class Agent:
                 trial, reason = None, self._stop_reason()
                 if not reason:
                     trial, reason = self._claim()
-                if trial is None and reason.startswith("grid finished"):
+                if trial is None and reason.startswith(GRID_FINISHED):
                     if self._requeue_missing_points():
                         continue
                     if self._orphans():

@@ -11,6 +11,8 @@ import optuna
 from optuna.trial import TrialState
 
 from .runs import _flat, _fmt
+from .schema import _is_int, _is_num
+
 
 def _replace_atomically(path: Path, write):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -57,16 +59,16 @@ def _distribution(values, log: bool):
     """An Optuna distribution spanning the values a parameter took, or None when it took one value."""
     if len({json.dumps(v, sort_keys=True) for v in values}) < 2:
         return None
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    if all(map(_is_num, values)):
         lo, hi, log = min(values), max(values), log and min(values) > 0
-        if all(isinstance(v, int) for v in values):
+        if all(map(_is_int, values)):
             return optuna.distributions.IntDistribution(lo, hi, log=log)
         return optuna.distributions.FloatDistribution(lo, hi, log=log)
     return optuna.distributions.CategoricalDistribution(sorted({_label(v) for v in values}, key=str))
 
 
 def _label(value) -> str | int | float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if _is_num(value):
         return value
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from .schema import ConfigError, Sweep
 from .space import _optuna_grid_params
@@ -96,9 +97,9 @@ def open_study(sweep: Sweep, storage, study_name, sampler, pruner, grid):
         # Another agent may be queueing the grid right now (2,000 points take ~45 s on PostgreSQL): wait while it
         # stamps its progress; take over only when it has shown none for QUEUE_STALE_SECONDS (it died).
         stamp, stamped_at = None, time.time()
-        while "sweep_ready" not in study.user_attrs:
-            if study.user_attrs.get("sweep_queue_stamp") != stamp:
-                stamp, stamped_at = study.user_attrs.get("sweep_queue_stamp"), time.time()
+        while "sweep_ready" not in (attrs := study.user_attrs):
+            if attrs.get("sweep_queue_stamp") != stamp:
+                stamp, stamped_at = attrs.get("sweep_queue_stamp"), time.time()
             elif time.time() - stamped_at > QUEUE_STALE_SECONDS:
                 break
             time.sleep(0.5)
@@ -112,12 +113,22 @@ def open_study(sweep: Sweep, storage, study_name, sampler, pruner, grid):
     study.set_user_attr("sweep_fingerprint", fingerprint)
     study.set_user_attr("sweep_config", json.loads(json.dumps(sweep.config, default=str)))
     if grid is not None:
-        queued = {t.user_attrs.get("sweep_grid_index") for t in study.get_trials(deepcopy=False)}
-        for index, point in enumerate(grid):
-            if index % QUEUE_STAMP_EVERY == 0:
+        for k, index in enumerate(missing_grid_points(study.get_trials(deepcopy=False), len(grid))):
+            if k % QUEUE_STAMP_EVERY == 0:
                 study.set_user_attr("sweep_queue_stamp", [index, time.time()])
-            if index not in queued:
-                study.enqueue_trial(_optuna_grid_params(sweep.params, point),
-                                    user_attrs={"sweep_grid_index": index})
+            queue_grid_point(study, sweep, grid, index)
     study.set_user_attr("sweep_ready", True)
     return study
+
+
+def queue_grid_point(study, sweep: Sweep, grid: list, index: int):
+    """Queue grid point `index` as a WAITING trial: the next trial any agent asks for runs it."""
+    study.enqueue_trial(_optuna_grid_params(sweep.params, grid[index]), user_attrs={"sweep_grid_index": index})
+
+
+def missing_grid_points(trials, size: int) -> list[int]:
+    """The grid points no trial holds: none is queued or running, and none ran to an end that counts (lost and
+    interrupted trials are discounted, their points queued again, unless the agent doing it died first)."""
+    held = {t.user_attrs.get("sweep_grid_index") for t in trials
+            if t.state in (TrialState.WAITING, TrialState.RUNNING) or not t.user_attrs.get("sweep_discount")}
+    return [index for index in range(size) if index not in held]
