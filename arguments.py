@@ -91,7 +91,8 @@ class DataArguments:
     dataset_config_name: Optional[str] = field(default=None, metadata={
         "help": "Configuration of that dataset (e.g. wikitext-2-raw-v1)."})
     train_file: Optional[str] = field(default=None, metadata={
-        "help": "Local training data: .txt, .csv, .tsv, .json, .jsonl or .parquet."})
+        "help": "Local training data: .txt, .csv, .tsv, .json, .jsonl or .parquet (.gz/.zst compressed too); a "
+                "folder or a glob pattern of such files (shards) reads them all."})
     validation_file: Optional[str] = field(default=None, metadata={
         "help": "Local evaluation data, same formats as --train_file."})
     validation_split_percentage: int = field(default=5, metadata={
@@ -107,7 +108,14 @@ class DataArguments:
     max_eval_samples: Optional[int] = field(default=None, metadata={
         "help": "Use at most this many evaluation examples."})
     streaming: bool = field(default=False, metadata={
-        "help": "Stream the dataset instead of downloading it whole; needs --max_steps."})
+        "help": "Stream the training data: read, tokenized and packed on the fly in each process's DataLoader "
+                "workers, resumed in constant time (streaming.py); needs --max_steps."})
+    shuffle_buffer_size: int = field(default=1000, metadata={
+        "help": "With --streaming: blocks shuffled together (each window of this many is shuffled, seeded; a resumed "
+                "run reads one window again). Shards are shuffled each epoch too; 1 keeps the order."})
+    stream_lanes: Optional[int] = field(default=None, metadata={
+        "help": "With --streaming: streams the shards are dealt to, which fixes the data order whatever the number of "
+                "processes and workers (default: processes x dataloader workers; a multiple of that)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start from scratch even if output_dir holds checkpoints. By default a rerun resumes from the "
                 "newest complete checkpoint there. Nothing is deleted either way."})
@@ -117,10 +125,15 @@ class DataArguments:
             raise UserError("give either --dataset_name or --train_file/--validation_file, not both")
         for name in ("train_file", "validation_file"):
             path = getattr(self, name)
-            extension = path.rsplit(".", 1)[-1].lower() if path and "." in os.path.basename(path) else ""
-            if path is not None and extension not in DATA_FILE_EXTENSIONS:
+            if path is None or os.path.isdir(path) or any(c in path for c in "*?["):  # shards: checked when found
+                continue
+            base = os.path.basename(path).lower().removesuffix(".gz").removesuffix(".zst")
+            extension = base.rsplit(".", 1)[-1] if "." in base else ""
+            if extension not in DATA_FILE_EXTENSIONS:
                 raise UserError(f"--{name} {path!r} has an unknown extension {extension!r}; use one of "
                                 + ", ".join("." + e for e in DATA_FILE_EXTENSIONS))
+        if self.shuffle_buffer_size < 1 or (self.stream_lanes is not None and self.stream_lanes < 1):
+            raise UserError("--shuffle_buffer_size and --stream_lanes must be positive integers")
         if not 0 <= self.validation_split_percentage < 100:
             raise UserError("--validation_split_percentage must be between 0 and 99")
         if self.max_seq_length is not None and self.max_seq_length < 8:

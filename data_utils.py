@@ -4,6 +4,7 @@ corpus; per-batch seeds for the collators' masks. Fast tokenizing and packing ar
 """
 
 import contextlib
+import glob
 import hashlib
 import inspect
 import itertools
@@ -70,7 +71,7 @@ def check_data_file(path, flag):
         raise UserError(f"{flag} {path!r} is not readable; fix its permissions (chmod +r)")
     if os.path.getsize(path) == 0:
         raise UserError(f"{flag} {path!r} is empty; give a file with data")
-    if not path.endswith(".parquet"):
+    if not path.endswith((".parquet", ".gz", ".zst")):
         with open(path, "rb") as f:
             head = f.read(1 << 20)
         try:
@@ -81,19 +82,41 @@ def check_data_file(path, flag):
                                 "convert it, e.g. iconv -f latin1 -t utf-8")
 
 
-def load_data_file(path, flag, cache_dir=None, streaming=False):
-    """One local data file (any extension in FILE_BUILDERS) as a dataset; a bad file raises UserError."""
-    check_data_file(path, flag)
-    extension = path.rsplit(".", 1)[-1].lower()
+def find_shards(spec, flag):
+    """A file, a folder (its data files, in name order) or a glob pattern -> the data file paths, sorted."""
+    if any(c in spec for c in "*?["):
+        paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(spec):
+        paths = sorted(p for p in (os.path.join(spec, n) for n in os.listdir(spec)) if os.path.isfile(p))
+    else:
+        return [spec]
+    paths = [p for p in paths if _extension(p) in FILE_BUILDERS]
+    if not paths:
+        what = "is a folder that holds" if os.path.isdir(spec) else "matches"
+        raise UserError(f"{flag} {spec!r} {what} no data files; give .txt, .jsonl or .parquet files (.gz/.zst too)")
+    return paths
+
+
+def _extension(path):
+    base = os.path.basename(path).lower().removesuffix(".gz").removesuffix(".zst")
+    return base.rsplit(".", 1)[-1]
+
+
+def load_data_file(spec, flag, cache_dir=None, streaming=False):
+    """Local data (a file, or a folder or glob of files of one format: find_shards) as one dataset; a bad file
+    raises UserError."""
+    paths = find_shards(spec, flag)
+    check_data_file(paths[0], flag)  # the first file stands for the rest: one format
+    extension = _extension(paths[0])
     builder, options = FILE_BUILDERS[extension]
     if builder == "text":
         options = {**options, "keep_linebreaks": False}
     try:
-        return load_dataset(builder, data_files={"data": path}, split="data", cache_dir=cache_dir,
+        return load_dataset(builder, data_files={"data": paths}, split="data", cache_dir=cache_dir,
                             streaming=streaming, **options)
     except Exception as err:  # a parse error of a user's file: name the file and the reason
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise UserError(f"{flag} {path!r} could not be read as {extension}: {reason}") from err
+        raise UserError(f"{flag} {spec!r} could not be read as {extension}: {reason}") from err
 
 
 def load_raw_datasets(model_args, data_args):
@@ -206,6 +229,8 @@ def take_at_most(dataset, count):
     """The first `count` examples of a dataset or a stream (all of them when count is None)."""
     if dataset is None or not count:
         return dataset
+    if isinstance(dataset, list):
+        return dataset[:count]
     if isinstance(dataset, IterableDataset):
         return dataset.take(count)
     return dataset.select(range(min(count, len(dataset))))
@@ -217,7 +242,8 @@ def data_identity(model_args, data_args):
     if data_args.dataset_name:
         sources = [data_args.dataset_name, data_args.dataset_config_name, "train"]
     else:
-        files = [data_args.train_file] if data_args.train_file else write_embedded_corpus(model_args.cache_dir)[:1]
+        files = find_shards(data_args.train_file, "--train_file") if data_args.train_file else \
+            write_embedded_corpus(model_args.cache_dir)[:1]
         sources = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
     held_out = data_args.validation_file is None and data_args.validation_split_percentage
     return repr((sources, held_out, data_args.streaming))

@@ -1,7 +1,7 @@
 """Text to fixed-length rows of token ids, fast, for run_mlm.py and run_span_t5.py (packing, as in the Hugging
 Face examples: no padding at all). `TokenIds` gives a tokenizer's ids without the work `tokenizer(...)` throws
 away; `pack_token_ids` joins them and cuts rows in Arrow, without a Python object per token. `require_blocks`
-says which data is too short for one row; `hold_out_from_stream` holds out a stream's first rows for validation.
+says which data is too short for one row.
 """
 
 import json
@@ -9,7 +9,8 @@ from itertools import chain
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import IterableDataset, IterableDatasetDict
+import torch
+from datasets import IterableDataset
 
 import data_utils
 from arguments import UserError
@@ -136,24 +137,13 @@ def _split_source(data_args, split):
     return "the training data"
 
 
-def hold_out_from_stream(tokenized, data_args):
-    """A stream without validation data: its first --max_eval_samples blocks (1000 unless set) become the
-    validation split and training skips them. Held out after packing, so the count is in blocks, as for data in
-    memory, and a few short texts never leave the validation split empty."""
-    if isinstance(tokenized, IterableDatasetDict) and "validation" not in tokenized and "train" in tokenized \
-            and data_args.validation_split_percentage > 0:
-        n = data_args.max_eval_samples or 1000
-        tokenized["validation"], tokenized["train"] = tokenized["train"].take(n), tokenized["train"].skip(n)
-    return tokenized
-
-
 def require_blocks(splits, raw, text_column, tokenizer, data_args, block):
     """One clear error when a split's text is shorter than one block, so it packed to no rows: which data, how
     many tokens it has, the block length. splits: {"train": dataset or None, ...}; a stream is checked by
     reading its first block."""
     for name, split in splits.items():
-        empty = split is not None and (next(iter(split), None) is None if isinstance(split, IterableDataset)
-                                       else len(split) == 0)
+        streamed = isinstance(split, (IterableDataset, torch.utils.data.IterableDataset))
+        empty = split is not None and (next(iter(split), None) is None if streamed else len(split) == 0)
         if empty:
             tokens = sum(len(ids) for batch in data_utils.batched_texts(raw.get(name, raw["train"]), text_column)
                          for ids in tokenizer(batch)["input_ids"])

@@ -34,6 +34,7 @@ from transformers.trainer_utils import SchedulerType
 import data_utils
 import packing
 import run_folder
+import streaming
 import throughput
 import train_utils
 from arguments import DataArguments, ModelArguments, UserError, flags_given, parse_args, run_cli, to_config_dict
@@ -300,7 +301,10 @@ def main(argv=None):
         # numpy rows reach the collator as arrays: one np.stack per batch instead of converting Python ints.
         tokenized = data_utils.cached_map(raw_datasets.with_format("arrow"), tokenize_and_pack, key, model_args.cache_dir,
                                           data_args.overwrite_cache, **map_args).with_format("numpy")
-    tokenized = packing.hold_out_from_stream(tokenized, data_args)
+    if data_args.streaming:  # shards read, tokenized and packed on the fly in each process's workers
+        tokenized["train"], held_out = streaming.load_training_stream(
+            model_args, data_args, training_args, text_column, tokenize_and_pack, resume_from, "validation" not in tokenized)
+        tokenized["validation"] = held_out if held_out is not None else tokenized["validation"]
     train_dataset = data_utils.take_at_most(tokenized["train"] if training_args.do_train else None,
                                             data_args.max_train_samples)
     eval_dataset = data_utils.take_at_most(tokenized["validation"] if training_args.do_eval else None,
@@ -321,7 +325,8 @@ def main(argv=None):
         return accuracy.compute(predictions=predictions[selected], references=labels[selected])
 
     # 7. Trainer
-    trainer = train_utils.IsolatedEvalTrainer(
+    trainer_class = streaming.ResumableStreamTrainer if data_args.streaming else train_utils.IsolatedEvalTrainer
+    trainer = trainer_class(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,

@@ -88,7 +88,7 @@ CASES = [
     # (id, script, args, words the message must contain: the problem and the fix)
     ("missing data file", "run_mlm", ["--train_file={d}/nope.txt"], ["does not exist", "check the path"]),
     ("empty data file", "run_mlm", ["--train_file={d}/empty.txt"], ["is empty", "give a file with data"]),
-    ("unreadable data file (a folder)", "run_mlm", ["--train_file={d}/a_folder.txt"], ["is a folder", "give a file"]),
+    ("unreadable data file (a folder)", "run_mlm", ["--train_file={d}/a_folder.txt"], ["is a folder", "holds no data files", "give .txt"]),
     ("non-UTF-8 data file", "run_mlm", ["--train_file={d}/latin1.txt"], ["not UTF-8", "iconv"]),
     ("unknown file extension", "run_mlm", ["--train_file={d}/data.xlsx"], ["unknown extension", ".txt"]),
     ("missing text column", "run_mlm", ["--train_file={d}/notes.json", "--text_column_name=text"], ["no column 'text'", "--text_column_name"]),

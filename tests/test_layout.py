@@ -11,7 +11,7 @@ from conftest import ROOT
 
 SCRIPTS = ("run_mlm.py", "run_span_t5.py", "fine_tune_glue.py")
 SHARED_MODULES = ("arguments.py", "data_utils.py", "train_utils.py", "run_folder.py")
-TASK_MODULES = ("throughput.py", "packing.py", "span_corruption.py", "glue_data.py")
+TASK_MODULES = ("throughput.py", "packing.py", "span_corruption.py", "glue_data.py", "streaming.py")
 SWEEP_AGENT = ("sweep.py",) + tuple(sorted(os.path.join("sweep_agent", name) for name in os.listdir(
     os.path.join(ROOT, "sweep_agent")) if name.endswith(".py")))
 
@@ -26,7 +26,7 @@ def test_each_file_is_at_most_400_lines(name):
     assert len(lines(name)) <= 400
 
 
-def test_the_shared_modules_together_are_at_most_1050_lines():
+def test_the_shared_modules_together_are_at_most_1080_lines():
     # 900 when the redesign landed (2,128 before it); since then: the default output folder that a rerun finds
     # and finished runs (run_folder.py), the scripts' own defaults in --help, evaluation kept apart from training.
     assert sum(len(lines(name)) for name in SHARED_MODULES) <= 1050

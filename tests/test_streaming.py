@@ -1,0 +1,178 @@
+"""Streamed sharded corpora (streaming.py): the rows of every shard format are the rows datasets reads, a stream
+packs the same blocks as the in-memory path, and a run stopped by a signal resumes with exactly the batches the
+uninterrupted run trained on, without reading the ones before (the 200 MB acceptance runs are in
+benchmarks/streaming.py and test_streaming_corpus.py)."""
+
+import gzip
+import json
+import random
+import signal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from datasets import load_dataset
+
+import run_mlm
+import run_span_t5
+import streaming
+import train_utils
+from arguments import UserError
+from conftest import SENTENCES, TINY_BERT
+from test_reliability import interrupt
+from test_run_span_t5 import TINY_T5
+
+TRICKY = ["first line", "", "  ", "crlf line\r", "unicode \u00e9\u4e2d", "sep\u2028inside", "last"]
+
+
+def write_shards(folder, count=4, lines_per_shard=120, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        lines = [f"{rng.choice(SENTENCES)} shard {i} line {j} {rng.randrange(10**6)}" for j in range(lines_per_shard)]
+        (folder / f"part-{i:02d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def rows_of(path, column="text", rows_per_batch=3):
+    stream = streaming.ShardedBlocks([str(path)], column, lambda table: table, seed=0, lanes=1, shuffle_buffer_size=1,
+                                     rows_per_batch=rows_per_batch)
+    return [text for _, table in stream._batches(0, 0, 0) for text in table[column].to_pylist()]
+
+
+def test_every_shard_format_gives_the_rows_datasets_reads(tmp_path):
+    text = "\n".join(TRICKY).replace("\r\n", "\r\n")
+    (tmp_path / "a.txt").write_bytes(text.encode("utf-8"))
+    objects = [{"text": line, "n": i} for i, line in enumerate(TRICKY)]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(o) + "\n" for o in objects), encoding="utf-8")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(o) + "\n" for o in objects)
+    pq.write_table(pa.table({"text": TRICKY}), tmp_path / "d.parquet", row_group_size=2)
+    for name, builder in (("a.txt", "text"), ("b.jsonl", "json"), ("c.jsonl.gz", "json"), ("d.parquet", "parquet")):
+        options = {"keep_linebreaks": False} if builder == "text" else {}
+        expected = load_dataset(builder, data_files=str(tmp_path / name), split="train", cache_dir=str(tmp_path / "hf"),
+                                **options)["text"]
+        assert rows_of(tmp_path / name) == expected, name
+
+
+@pytest.mark.parametrize("name", ["a.txt", "b.jsonl.gz", "c.parquet"])
+def test_a_shard_read_from_any_saved_position_continues_with_the_same_rows(tmp_path, name):
+    lines = [f"row {i} " + "x" * (i % 7) for i in range(50)]
+    if name.endswith(".txt"):
+        (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    elif name.endswith(".gz"):
+        with gzip.open(tmp_path / name, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": line}) + "\n" for line in lines)
+    else:
+        pq.write_table(pa.table({"text": lines}), tmp_path / name, row_group_size=8)
+    rows = list(streaming._rows(str(tmp_path / name), "text", 0, 0))
+    assert [text for _, text in rows] == lines
+    for i in (0, 1, 17, 49):
+        (offset, skip), _ = rows[i]
+        assert [text for _, text in streaming._rows(str(tmp_path / name), "text", offset, skip)] == lines[i:]
+
+
+def blocks_of(stream, count):
+    return [example["input_ids"].tolist() for example in
+            (dict(e) for e, _ in zip(stream, range(count)))]
+
+
+def pack(table):
+    """One block per line, naming it: (shard, line), so a block seen twice is a line read twice."""
+    ids = [[int(text.split(" shard ")[1].split()[0]), int(text.split(" line ")[1].split()[0])]
+           for text in table["text"].to_pylist()]
+    return pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(sum(ids, []), pa.int32()), 2)})
+
+
+def test_readers_together_deliver_the_blocks_one_reader_delivers_and_a_stream_resumes_from_positions(
+        tmp_path, monkeypatch):
+    shards = [str(p) for p in sorted(write_shards(tmp_path / "c", count=4).iterdir())]
+    one = streaming.ShardedBlocks(shards, "text", pack, seed=3, lanes=4, shuffle_buffer_size=16, rows_per_batch=25)
+    reference = blocks_of(one, 400)
+    assert len({tuple(b) for b in reference}) == len(reference)  # nothing twice within the epoch
+    # Four readers (2 processes x 2 workers): reader r delivers global blocks r, r + 4, ...
+    for reader in range(4):
+        part = streaming.ShardedBlocks(shards, "text", pack, seed=3, lanes=4, shuffle_buffer_size=16, rows_per_batch=25)
+        part.rank, part.world = reader, 4
+        assert blocks_of(part, 100) == reference[reader::4]
+    # Positions recorded after 150 blocks put a new stream at block 150, whatever it has read.
+    first = streaming.ShardedBlocks(shards, "text", pack, seed=3, lanes=4, shuffle_buffer_size=16, rows_per_batch=25)
+    for example in (e for e, _ in zip(first, range(150))):
+        first.record([example[streaming.POSITION_KEY]])
+    resumed = streaming.ShardedBlocks(shards, "text", pack, seed=3, lanes=4, shuffle_buffer_size=16, rows_per_batch=25)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())), "checkpoint")
+    rows_read = []
+    original = streaming._rows
+    monkeypatch.setattr(streaming, "_rows", lambda *a: (rows_read.append(1) or row for row in original(*a)))
+    assert blocks_of(resumed, 250) == reference[150:]
+    # It re-read at most one batch (25 rows) a lane, not the 150 blocks before.
+    rows_resumed = len(rows_read)
+    rows_read.clear()
+    blocks_of(streaming.ShardedBlocks(shards, "text", pack, seed=3, lanes=4, shuffle_buffer_size=16, rows_per_batch=25), 400)
+    print(f"rows read for blocks 150-399: {rows_resumed} resumed, {len(rows_read)} from the start")
+    assert rows_resumed <= len(rows_read) - 150 + 4 * 25
+    with pytest.raises(UserError, match="--stream_lanes 4"):
+        streaming.ShardedBlocks(shards, "text", pack, seed=3, lanes=2).load_state_dict(first.state_dict(), "c")
+
+
+def record_batches(monkeypatch):
+    """Every training batch's token ids and labels, as the Trainer passes them to the model."""
+    seen = []
+    original = streaming.ResumableStreamTrainer.training_step
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        seen.append((self.state.global_step, inputs["input_ids"].tolist(), inputs["labels"].tolist()))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(streaming.ResumableStreamTrainer, "training_step", training_step)
+    return seen
+
+
+@pytest.mark.parametrize("script", ["run_mlm", "run_span_t5"])
+def test_a_streamed_run_stopped_by_sigterm_resumes_with_the_uninterrupted_batches(tmp_path, monkeypatch, script):
+    shards = write_shards(tmp_path / "corpus", count=4)
+    main = run_mlm.main if script == "run_mlm" else run_span_t5.main
+
+    def args(name):
+        return [*(TINY_BERT if script == "run_mlm" else TINY_T5), f"--output_dir={tmp_path / name}", "--streaming",
+                f"--train_file={shards}", "--max_steps=10", "--save_steps=100", "--seed=5", "--do_train",
+                "--shuffle_buffer_size=20", "--stream_lanes=2", "--max_eval_samples=8"]
+
+    seen = record_batches(monkeypatch)
+    main(args("straight"))
+    straight = {step: batch for step, *batch in seen}
+    assert sorted(straight) == list(range(10))
+    seen.clear()
+    interrupt(main, args("cut"), 5, signal.SIGTERM, monkeypatch)
+    assert (tmp_path / "cut" / "checkpoint-6" / streaming.POSITIONS_FILE).is_file()
+    assert {step: batch for step, *batch in seen} == {s: straight[s] for s in range(6)}
+    seen.clear()
+    main(args("cut"))
+    resumed = {step: batch for step, *batch in seen}
+    assert sorted(resumed) == [6, 7, 8, 9]
+    assert resumed == {s: straight[s] for s in range(6, 10)}  # token ids and labels (masks) alike
+
+
+def test_streaming_errors_name_the_fix(tmp_path):
+    shards = write_shards(tmp_path / "corpus", count=2)
+    base = [*TINY_BERT, f"--output_dir={tmp_path / 'x'}", "--streaming", f"--train_file={shards}", "--max_steps=2"]
+    with pytest.raises(UserError, match="cannot feed 4 lanes"):
+        run_mlm.main([*base, "--stream_lanes=4"])
+    with pytest.raises(UserError, match="bound the run with --max_steps"):
+        run_mlm.main([*base, "--max_train_samples=10"])
+    with pytest.raises(UserError, match="matches no data files"):
+        run_mlm.main([*base[:-2], f"--train_file={tmp_path}/nothing-*.txt", "--max_steps=2"])
+    run_mlm.main([*base, "--overwrite_output_dir", "--save_steps=1"])
+    cut = tmp_path / "x" / "checkpoint-2" / streaming.POSITIONS_FILE
+    cut.unlink()
+    with pytest.raises(UserError, match="--ignore_data_skip"):
+        streaming.resume_stream(None, str(cut.parent))
+
+
+def test_held_out_blocks_are_never_trained_on(tmp_path):
+    shards = [str(p) for p in sorted(write_shards(tmp_path / "c", count=2).iterdir())]
+    stream = streaming.ShardedBlocks(shards, "text", pack, seed=1, lanes=1, held_out=30, rows_per_batch=25)
+    held = [tuple(b["input_ids"].tolist()) for b in stream.held_out_blocks()]
+    assert held == [(0, line) for line in range(30)]  # the first shard's first blocks, in order
+    trained = {tuple(b) for b in blocks_of(stream, 1000)}
+    assert not set(held) & trained and len(trained) == 240 - 30
