@@ -5,8 +5,11 @@ benchmarks/streaming.py and test_streaming_corpus.py)."""
 
 import gzip
 import json
+import os
 import random
 import signal
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +19,6 @@ from datasets import load_dataset
 import run_mlm
 import run_span_t5
 import streaming
-import train_utils
 from arguments import UserError
 from conftest import SENTENCES, TINY_BERT
 from test_reliability import interrupt
@@ -128,29 +130,31 @@ def record_batches(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("script", ["run_mlm", "run_span_t5"])
-def test_a_streamed_run_stopped_by_sigterm_resumes_with_the_uninterrupted_batches(tmp_path, monkeypatch, script):
+@pytest.mark.parametrize("script,workers", [("run_mlm", 0), ("run_span_t5", 0), ("run_mlm", 2)])
+def test_a_streamed_run_stopped_by_sigterm_resumes_with_the_uninterrupted_batches(tmp_path, monkeypatch, script, workers):
+    """Stopped after an odd number of batches, so that with 2 workers the resumed run's first worker delivers
+    what the second one would have."""
     shards = write_shards(tmp_path / "corpus", count=4)
     main = run_mlm.main if script == "run_mlm" else run_span_t5.main
 
     def args(name):
         return [*(TINY_BERT if script == "run_mlm" else TINY_T5), f"--output_dir={tmp_path / name}", "--streaming",
                 f"--train_file={shards}", "--max_steps=10", "--save_steps=100", "--seed=5", "--do_train",
-                "--shuffle_buffer_size=20", "--stream_lanes=2", "--max_eval_samples=8"]
+                "--shuffle_buffer_size=20", "--stream_lanes=2", "--max_eval_samples=8", f"--dataloader_num_workers={workers}"]
 
     seen = record_batches(monkeypatch)
     main(args("straight"))
     straight = {step: batch for step, *batch in seen}
     assert sorted(straight) == list(range(10))
     seen.clear()
-    interrupt(main, args("cut"), 5, signal.SIGTERM, monkeypatch)
-    assert (tmp_path / "cut" / "checkpoint-6" / streaming.POSITIONS_FILE).is_file()
-    assert {step: batch for step, *batch in seen} == {s: straight[s] for s in range(6)}
+    interrupt(main, args("cut"), 4, signal.SIGTERM, monkeypatch)
+    assert (tmp_path / "cut" / "checkpoint-5" / streaming.POSITIONS_FILE).is_file()
+    assert {step: batch for step, *batch in seen} == {s: straight[s] for s in range(5)}
     seen.clear()
     main(args("cut"))
     resumed = {step: batch for step, *batch in seen}
-    assert sorted(resumed) == [6, 7, 8, 9]
-    assert resumed == {s: straight[s] for s in range(6, 10)}  # token ids and labels (masks) alike
+    assert sorted(resumed) == [5, 6, 7, 8, 9]
+    assert resumed == {s: straight[s] for s in range(5, 10)}  # token ids and labels (masks) alike
 
 
 def test_streaming_errors_name_the_fix(tmp_path):
@@ -176,3 +180,43 @@ def test_held_out_blocks_are_never_trained_on(tmp_path):
     assert held == [(0, line) for line in range(30)]  # the first shard's first blocks, in order
     trained = {tuple(b) for b in blocks_of(stream, 1000)}
     assert not set(held) & trained and len(trained) == 240 - 30
+
+
+def trained_blocks(record):
+    """The text blocks a run trained on (masked positions restored from the labels), from every rank's file."""
+    blocks = []
+    for path in sorted(record.parent.glob(record.name + ".*")):
+        for line in path.read_text().splitlines():
+            _, ids, labels = json.loads(line)
+            for row, row_labels in zip(ids, labels):
+                blocks.append(tuple(label if label != -100 else token for token, label in zip(row, row_labels)))
+    return blocks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_processes_train_on_the_blocks_one_process_trains_on(tmp_path, workers):
+    """torchrun, 2 CPU processes (gloo), each reading its own lanes: no block twice, and together exactly the
+    blocks one process with the same global batch (and the same --stream_lanes) trains on."""
+    from test_multiprocess import LAUNCH_TIMEOUT, launch_env, launcher_command
+
+    shards = write_shards(tmp_path / "corpus", count=8, lines_per_shard=200)
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "record_stream_batches.py")
+    lanes = 2 * max(1, workers)
+    common = ["run_mlm", *TINY_BERT, "--streaming", f"--train_file={shards}", "--max_steps=6", "--save_strategy=no",
+              "--seed=2", "--do_train", f"--stream_lanes={lanes}", "--shuffle_buffer_size=50"]
+    runs = {}
+    for name, launcher, batch, loader_workers in (("two", launcher_command("torchrun"), 4, workers),
+                                                   ("one", [sys.executable], 8, 0)):
+        record = tmp_path / f"{name}.jsonl"
+        command = [*launcher, fixture, *common, f"--output_dir={tmp_path / name}",
+                   f"--per_device_train_batch_size={batch}", f"--dataloader_num_workers={loader_workers}"]
+        done = subprocess.run(command, env=launch_env(RECORD_BATCHES=str(record)), capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = trained_blocks(record)
+    two, one = runs["two"], runs["one"]
+    print(f"{workers} workers: 2 processes trained on {len(two)} blocks ({len(set(two))} distinct), 1 process on "
+          f"{len(one)} ({len(set(one))} distinct)")
+    assert len(two) == len(one) == 6 * 8
+    assert len(set(two)) == len(two) and sorted(two) == sorted(one)
