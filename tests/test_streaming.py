@@ -1,7 +1,7 @@
 """Streamed sharded corpora (streaming.py): the rows of every shard format are the rows datasets reads, a stream
 packs the same blocks as the in-memory path, and a run stopped by a signal resumes with exactly the batches the
 uninterrupted run trained on, without reading the ones before (the 200 MB acceptance runs are in
-benchmarks/streaming.py and test_streaming_corpus.py)."""
+benchmarks/streamed_corpus.py and test_streaming_corpus.py)."""
 
 import gzip
 import json

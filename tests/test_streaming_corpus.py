@@ -1,0 +1,64 @@
+"""Issue 21's acceptance on a 200 MB corpus in 16 shards (built here by benchmarks/streamed_corpus.py from ../shared's
+WikiText-2 and tiny-shakespeare, lines shuffled, seeded; deleted with the test's folder): run_mlm.py and
+run_span_t5.py stopped by SIGTERM at step 20 and at step 400 resume with exactly the batches of the uninterrupted
+run; two processes train on the blocks one process trains on, none twice. The times to the first step after each
+resume are printed and judged in benchmarks/streamed_corpus.py, not here."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED
+from test_streaming import trained_blocks
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import streamed_corpus as bench  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "data")),
+                                                   reason="needs ../shared/data (WikiText-2, tiny-shakespeare)")]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus200")
+    size = bench.write_corpus(str(folder / "shards"), megabytes=200, shards=16)
+    assert size >= 200 and len(os.listdir(folder / "shards")) == 16
+    return folder
+
+
+@pytest.mark.parametrize("script", ["run_mlm", "run_span_t5"])
+def test_sigterm_at_step_20_and_400_resumes_with_the_uninterrupted_batches(corpus, script):
+    results = bench.resume_check(script, str(corpus / "shards"), str(corpus), stops=(20, 400))
+    for stop, r in results.items():
+        print(f"{script}: SIGTERM at step {stop}, rerun: first step {r['seconds_to_first_step']:.1f} s after start, "
+              f"{r['steps_after_resume']} batches after it identical: {r['identical']}")
+        assert r["stopped_with"] == 143 and r["checkpoint"] and r["identical"], (stop, r)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_processes_on_the_corpus_train_on_what_one_process_trains_on(corpus, tmp_path, workers):
+    from test_multiprocess import LAUNCH_TIMEOUT, launch_env, launcher_command
+
+    lanes = 2 * max(1, workers)
+    common = ["run_mlm", "--model_type=bert", "--config_overrides=hidden_size=32,num_hidden_layers=1,"
+              "num_attention_heads=2,intermediate_size=64,max_position_embeddings=128", "--tokenizer_vocab_size=2000",
+              "--max_seq_length=64", "--streaming", f"--train_file={corpus / 'shards'}", "--max_steps=40",
+              "--save_strategy=no", "--do_train", f"--stream_lanes={lanes}", f"--cache_dir={corpus / 'cache'}",
+              "--report_to=none", "--disable_tqdm=True"]
+    runs = {}
+    for name, launcher, batch, loader_workers in (("two", launcher_command("torchrun"), 8, workers),
+                                                   ("one", [sys.executable], 16, 0)):
+        record = tmp_path / f"{name}.jsonl"
+        done = subprocess.run([*launcher, bench.FIXTURE, *common, f"--output_dir={tmp_path / name}",
+                               f"--per_device_train_batch_size={batch}", f"--dataloader_num_workers={loader_workers}"],
+                              env=launch_env(RECORD_BATCHES=str(record)), capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = trained_blocks(record)
+    two, one = runs["two"], runs["one"]
+    print(f"200 MB corpus, {workers} workers: 2 processes trained on {len(two)} blocks, {len(two) - len(set(two))} "
+          f"seen twice; 1 process on {len(one)}; the same blocks: {sorted(two) == sorted(one)}")
+    assert len(two) == 40 * 16 and len(set(two)) == len(two) and sorted(two) == sorted(one)
