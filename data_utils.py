@@ -90,14 +90,15 @@ def find_shards(spec, flag):
         paths = sorted(p for p in (os.path.join(spec, n) for n in os.listdir(spec)) if os.path.isfile(p))
     else:
         return [spec]
-    paths = [p for p in paths if _extension(p) in FILE_BUILDERS]
+    paths = [p for p in paths if file_format(p) in FILE_BUILDERS]
     if not paths:
         what = "is a folder that holds" if os.path.isdir(spec) else "matches"
         raise UserError(f"{flag} {spec!r} {what} no data files; give .txt, .jsonl or .parquet files (.gz/.zst too)")
     return paths
 
 
-def _extension(path):
+def file_format(path):
+    """A data file's format: its extension, under a .gz or .zst one (corpus.jsonl.zst -> jsonl)."""
     base = os.path.basename(path).lower().removesuffix(".gz").removesuffix(".zst")
     return base.rsplit(".", 1)[-1]
 
@@ -107,7 +108,7 @@ def load_data_file(spec, flag, cache_dir=None, streaming=False):
     raises UserError."""
     paths = find_shards(spec, flag)
     check_data_file(paths[0], flag)  # the first file stands for the rest: one format
-    extension = _extension(paths[0])
+    extension = file_format(paths[0])
     builder, options = FILE_BUILDERS[extension]
     if builder == "text":
         options = {**options, "keep_linebreaks": False}

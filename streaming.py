@@ -12,6 +12,7 @@ were trained on) travels with each batch; the Trainer saves the positions of the
 checkpoint, and a resumed run re-reads one window per lane instead of every batch before it.
 """
 
+import io
 import itertools
 import json
 import multiprocessing
@@ -40,7 +41,7 @@ def hub_shards(dataset_name, config_name=None, token=None):
 
     builder = load_dataset_builder(dataset_name, config_name, token=token)
     files = (builder.config.data_files or {}).get("train")
-    files = [str(f) for f in files or [] if data_utils._extension(str(f)) in SHARD_FORMATS]
+    files = [str(f) for f in files or [] if data_utils.file_format(str(f)) in SHARD_FORMATS]
     if not files:
         raise UserError(f"--dataset_name {dataset_name!r} has no .parquet, .jsonl or .txt files in its train split "
                         "to stream as shards; download it and pass --train_file")
@@ -59,7 +60,7 @@ def load_training_stream(model_args, data_args, training_args, column, make_bloc
     else:
         shards = data_utils.find_shards(data_args.train_file or data_utils.write_embedded_corpus(model_args.cache_dir)[0],
                                         "--train_file")
-    unfit = [path for path in shards if data_utils._extension(path) not in SHARD_FORMATS]
+    unfit = [path for path in shards if data_utils.file_format(path) not in SHARD_FORMATS]
     if unfit:
         raise UserError(f"--streaming reads .txt, .jsonl (.gz, .zst) and .parquet shards, not {unfit[0]!r}; "
                         "convert it or leave out --streaming")
@@ -95,7 +96,8 @@ def _rows(path, column, offset, skip):
     is_json = ".json" in path.lower()
     with fsspec.open(path, "rb", **options).open() as f:
         f.seek(offset)  # compressed shards are decompressed up to it: bounded by the shard, not by the run
-        for line in f:
+        lines = io.BufferedReader(f) if path.lower().endswith(".zst") else f  # zstandard's reader has no readline
+        for line in lines:
             if is_json:
                 try:
                     texts = [json.loads(line).get(column)] if line.strip() else []

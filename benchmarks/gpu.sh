@@ -4,10 +4,13 @@
 # Prints tokens/s, MFU against the GPU's published bf16 peak (throughput.GPU_PEAK_TFLOPS) and peak memory per run,
 # and writes them to $OUT (default outputs/gpu-check)/summary.json. Data: the embedded corpus (no download) and
 # ../shared for MiniLM and SST-2 (that run is skipped without it). Usage: bash benchmarks/gpu.sh
+# A dry run of the plumbing on a CPU: STEPS=2 BERT_BATCH=2 T5_BATCH=1 GLUE_BATCH=2 bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu-check}
-STEPS=${STEPS:-60}
+STEPS=${STEPS:-60} BERT_BATCH=${BERT_BATCH:-128} T5_BATCH=${T5_BATCH:-32} GLUE_BATCH=${GLUE_BATCH:-64}
+SHARED=${SHARED:-$([ -d ../shared ] && echo ../shared || echo shared)}
+MINILM=$SHARED/models/minilm-l6-h384-uncased
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
@@ -19,16 +22,17 @@ run() {  # name, script, flags...
     timeout 150 python "$script" "${COMMON[@]}" --output_dir "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 \
         || echo "$name failed (exit $?): see $OUT/$name.log" >&2
 }
-BERT=(--model_type bert --max_seq_length 128 --per_device_train_batch_size 128 --learning_rate 1e-4 --tokenizer_vocab_size 30522)
+BERT=(--model_type bert --max_seq_length 128 --per_device_train_batch_size "$BERT_BATCH" --learning_rate 1e-4)
+if [ -d "$MINILM" ]; then BERT+=(--tokenizer_name "$MINILM"); else BERT+=(--tokenizer_vocab_size 30522); fi  # BERT's 30,522 ids
 run bert-sparse run_mlm.py "${BERT[@]}"
 run bert-dense run_mlm.py "${BERT[@]}" --sparse_mlm_head false
 run bert-sparse-compile run_mlm.py "${BERT[@]}" --torch_compile
 run bert-dense-compile run_mlm.py "${BERT[@]}" --sparse_mlm_head false --torch_compile
 run t5-base run_span_t5.py --model_type t5 --config_overrides "d_model=768,d_kv=64,num_heads=12,d_ff=2048,num_layers=12,feed_forward_proj=gated-gelu,tie_word_embeddings=false" \
-    --max_seq_length 512 --per_device_train_batch_size 32 --learning_rate 1e-3
-if [ -d ../shared/models/minilm-l6-h384-uncased ]; then
-    run minilm-sst2 fine_tune_glue.py --model_name_or_path ../shared/models/minilm-l6-h384-uncased --task_name sst2 \
-        --data_dir ../shared/data/glue/SST-2 --per_device_train_batch_size 64 --learning_rate 5e-5 --max_seq_length 128
+    --max_seq_length 512 --per_device_train_batch_size "$T5_BATCH" --learning_rate 1e-3
+if [ -d "$MINILM" ]; then
+    run minilm-sst2 fine_tune_glue.py --model_name_or_path "$MINILM" --task_name sst2 --data_dir "$SHARED/data/glue/SST-2" \
+        --per_device_train_batch_size "$GLUE_BATCH" --learning_rate 5e-5 --max_seq_length 128
 fi
 python - "$OUT" <<'PY'
 import json, os, sys

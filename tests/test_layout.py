@@ -28,8 +28,9 @@ def test_each_file_is_at_most_400_lines(name):
 
 def test_the_shared_modules_together_are_at_most_1080_lines():
     # 900 when the redesign landed (2,128 before it); since then: the default output folder that a rerun finds
-    # and finished runs (run_folder.py), the scripts' own defaults in --help, evaluation kept apart from training.
-    assert sum(len(lines(name)) for name in SHARED_MODULES) <= 1050
+    # and finished runs (run_folder.py), the scripts' own defaults in --help, evaluation kept apart from training;
+    # sharded corpora (data_utils.find_shards and the two streaming flags; the stream itself is streaming.py).
+    assert sum(len(lines(name)) for name in SHARED_MODULES) <= 1080
 
 
 def test_no_cpu_only_patches_and_nothing_set_before_torch_loads():

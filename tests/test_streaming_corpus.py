@@ -5,13 +5,12 @@ run; two processes train on the blocks one process trains on, none twice. The ti
 resume are printed and judged in benchmarks/streamed_corpus.py, not here."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, SHARED
-from test_streaming import trained_blocks
+from test_streaming import two_processes_and_one
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -40,25 +39,11 @@ def test_sigterm_at_step_20_and_400_resumes_with_the_uninterrupted_batches(corpu
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_two_processes_on_the_corpus_train_on_what_one_process_trains_on(corpus, tmp_path, workers):
-    from test_multiprocess import LAUNCH_TIMEOUT, launch_env, launcher_command
-
-    lanes = 2 * max(1, workers)
-    common = ["run_mlm", "--model_type=bert", "--config_overrides=hidden_size=32,num_hidden_layers=1,"
-              "num_attention_heads=2,intermediate_size=64,max_position_embeddings=128", "--tokenizer_vocab_size=2000",
-              "--max_seq_length=64", "--streaming", f"--train_file={corpus / 'shards'}", "--max_steps=40",
-              "--save_strategy=no", "--do_train", f"--stream_lanes={lanes}", f"--cache_dir={corpus / 'cache'}",
-              "--report_to=none", "--disable_tqdm=True"]
-    runs = {}
-    for name, launcher, batch, loader_workers in (("two", launcher_command("torchrun"), 8, workers),
-                                                   ("one", [sys.executable], 16, 0)):
-        record = tmp_path / f"{name}.jsonl"
-        done = subprocess.run([*launcher, bench.FIXTURE, *common, f"--output_dir={tmp_path / name}",
-                               f"--per_device_train_batch_size={batch}", f"--dataloader_num_workers={loader_workers}"],
-                              env=launch_env(RECORD_BATCHES=str(record)), capture_output=True, text=True,
-                              timeout=LAUNCH_TIMEOUT)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = trained_blocks(record)
-    two, one = runs["two"], runs["one"]
+    flags = ["--model_type=bert", "--config_overrides=hidden_size=32,num_hidden_layers=1,num_attention_heads=2,"
+             "intermediate_size=64,max_position_embeddings=128", "--tokenizer_vocab_size=2000", "--max_seq_length=64",
+             f"--train_file={corpus / 'shards'}", "--max_steps=40", f"--cache_dir={corpus / 'cache'}",
+             "--report_to=none", "--disable_tqdm=True"]
+    two, one = two_processes_and_one(tmp_path, flags, workers, per_device_batch=8)
     print(f"200 MB corpus, {workers} workers: 2 processes trained on {len(two)} blocks, {len(two) - len(set(two))} "
           f"seen twice; 1 process on {len(one)}; the same blocks: {sorted(two) == sorted(one)}")
     assert len(two) == 40 * 16 and len(set(two)) == len(two) and sorted(two) == sorted(one)
