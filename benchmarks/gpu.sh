@@ -4,17 +4,17 @@
 # Prints tokens/s, MFU against the GPU's published bf16 peak (throughput.GPU_PEAK_TFLOPS) and peak memory per run,
 # and writes them to $OUT (default outputs/gpu-check)/summary.json. Data: the embedded corpus (no download) and
 # ../shared for MiniLM and SST-2 (that run is skipped without it). Usage: bash benchmarks/gpu.sh
-# A dry run of the plumbing on a CPU: STEPS=2 BERT_BATCH=2 T5_BATCH=1 GLUE_BATCH=2 bash benchmarks/gpu.sh
+# A dry run of the plumbing on a CPU: STEPS=2 LOG_EVERY=1 BERT_BATCH=2 T5_BATCH=1 GLUE_BATCH=2 bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu-check}
-STEPS=${STEPS:-60} BERT_BATCH=${BERT_BATCH:-128} T5_BATCH=${T5_BATCH:-32} GLUE_BATCH=${GLUE_BATCH:-64}
+STEPS=${STEPS:-60} LOG_EVERY=${LOG_EVERY:-10} BERT_BATCH=${BERT_BATCH:-128} T5_BATCH=${T5_BATCH:-32} GLUE_BATCH=${GLUE_BATCH:-64}
 SHARED=${SHARED:-$([ -d ../shared ] && echo ../shared || echo shared)}
 MINILM=$SHARED/models/minilm-l6-h384-uncased
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-COMMON=(--bf16 --max_steps "$STEPS" --save_strategy no --report_to none --disable_tqdm True --logging_steps 10
+COMMON=(--bf16 --max_steps "$STEPS" --save_strategy no --report_to none --disable_tqdm True --logging_steps "$LOG_EVERY"
         --overwrite_output_dir --do_train --dataloader_num_workers 4)
 run() {  # name, script, flags...
     local name=$1 script=$2; shift 2
@@ -41,9 +41,10 @@ for name in sorted(os.listdir(out)):
     state = os.path.join(out, name, "trainer_state.json")
     if os.path.isfile(state):
         logs = [h for h in json.load(open(state))["log_history"] if "tokens_per_second" in h]
-        if logs:
-            last = logs[-1]
-            rows[name] = {k: last.get(k) for k in ("tokens_per_second", "mfu", "peak_memory_mb")}
+        if logs:  # the last logging interval: past warm-up and compilation
+            results = json.load(open(os.path.join(out, name, "all_results.json")))
+            rows[name] = {"tokens_per_second": logs[-1]["tokens_per_second"], "mfu": logs[-1].get("mfu"),
+                          "peak_memory_mb": results.get("peak_memory_mb")}
 for name, r in rows.items():
     print(f"{name:22s} {r['tokens_per_second'] or 0:>12,.0f} tokens/s  MFU {r['mfu']}  peak {r['peak_memory_mb']} MB")
 json.dump(rows, open(os.path.join(out, "summary.json"), "w"), indent=1)

@@ -110,3 +110,9 @@ def test_quick_run_as_ci_runs_it(tmp_path):
         assert row["tokens_per_second"] > 0 and 0 < row["mfu"] < 1
     assert data["results"]["sweep"]["later_trials_max_seconds"] > 0
     assert "## Targets" in (out / "RESULTS.md").read_text()
+
+
+def test_the_gpu_check_script_parses():
+    """benchmarks/gpu.sh runs only where a GPU is lent; here its syntax is checked (its CPU dry run, in its header,
+    takes minutes)."""
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu.sh")], check=True)
