@@ -277,7 +277,8 @@ def main(argv=None):
     if data_args.streaming:  # shards read, tokenized and packed on the fly in each process's workers
         tokenized["train"], held_out = streaming.load_training_stream(
             model_args, data_args, training_args, text_column, tokenize, resume_from, "validation" not in tokenized)
-        tokenized["validation"] = held_out if held_out is not None else tokenized["validation"]
+        if held_out is not None:
+            tokenized["validation"] = held_out
     train_dataset = data_utils.take_at_most(tokenized["train"] if training_args.do_train else None,
                                             data_args.max_train_samples)
     eval_dataset = data_utils.take_at_most(tokenized["validation"] if training_args.do_eval else None,

@@ -213,6 +213,13 @@ def test_a_hub_style_dataset_folder_streams_its_train_files(tmp_path):
     assert metrics["train_loss"] > 0
 
 
+def test_a_stream_without_validation_data_and_nothing_held_out_trains(tmp_path):
+    shards = write_shards(tmp_path / "corpus", count=2)
+    metrics = run_mlm.main([*TINY_BERT, f"--output_dir={tmp_path / 'x'}", "--streaming", f"--train_file={shards}",
+                            "--max_steps=2", "--do_train", "--validation_split_percentage=0"])
+    assert metrics["train_loss"] > 0 and "eval_loss" not in metrics
+
+
 def test_streaming_errors_name_the_fix(tmp_path):
     shards = write_shards(tmp_path / "corpus", count=2)
     base = [*TINY_BERT, f"--output_dir={tmp_path / 'x'}", "--streaming", f"--train_file={shards}", "--max_steps=2"]
