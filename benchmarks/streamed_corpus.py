@@ -110,9 +110,9 @@ def batches_after(record, step):
         return [json.loads(line) for line in f if json.loads(line)[0] >= step]
 
 
-def resume_check(script, corpus, work, stops, extra_steps=5):
+def resume_check(script, corpus, work, stops, extra_steps=5, workers=0):
     """Uninterrupted to max(stops) + extra_steps; for each N: SIGTERM at step N, rerun: the batches after N
-    against the uninterrupted run's, and the rerun's seconds from start to first step."""
+    against the uninterrupted run's, and the rerun's seconds from start to first step. `workers`: loader workers."""
     tiny = {"run_mlm": ["--model_type=bert", "--config_overrides=hidden_size=32,num_hidden_layers=1,num_attention_heads=2,"
                         "intermediate_size=64,max_position_embeddings=128"],
             "run_span_t5": ["--model_type=t5", "--config_overrides=d_model=32,d_kv=16,num_heads=2,d_ff=64,num_layers=1",
@@ -122,14 +122,15 @@ def resume_check(script, corpus, work, stops, extra_steps=5):
     steps = max(stops) + extra_steps
     common = [*tiny, "--streaming", f"--train_file={corpus}", f"--max_steps={steps}", "--max_seq_length=128",
               "--per_device_train_batch_size=8", "--do_train", "--save_steps=100000", "--report_to=none",
-              "--disable_tqdm=True", "--logging_steps=1", f"--cache_dir={os.path.join(work, 'cache')}", "--seed=3"]
+              "--disable_tqdm=True", "--logging_steps=1", f"--cache_dir={os.path.join(work, 'cache')}", "--seed=3",
+              f"--dataloader_num_workers={workers}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false"}
-    straight = os.path.join(work, f"{script}-straight")
+    straight = os.path.join(work, f"{script}-w{workers}-straight")
     run(script, [*common, f"--output_dir={straight}"], {**env, "RECORD_BATCHES": straight + ".jsonl"})
     results = {}
     for stop in stops:
-        out = os.path.join(work, f"{script}-cut{stop}")
+        out = os.path.join(work, f"{script}-w{workers}-cut{stop}")
         record = out + ".jsonl"
         code = run(script, [*common, f"--output_dir={out}"],  # the signal during step `stop`: checkpoint-{stop}
                    {**env, "RECORD_BATCHES": record, "STOP_AT_STEP": str(stop - 1)})

@@ -1,6 +1,6 @@
 """Issue 21's acceptance on a 200 MB corpus in 16 shards (built here by benchmarks/streamed_corpus.py from ../shared's
 WikiText-2 and tiny-shakespeare, lines shuffled, seeded; deleted with the test's folder): run_mlm.py and
-run_span_t5.py stopped by SIGTERM at step 20 and at step 400 resume with exactly the batches of the uninterrupted
+run_span_t5.py (and run_mlm.py with 2 loader workers) stopped by SIGTERM at step 20 and at step 400 resume with exactly the batches of the uninterrupted
 run; two processes train on the blocks one process trains on, none twice. The times to the first step after each
 resume are printed and judged in benchmarks/streamed_corpus.py, not here."""
 
@@ -28,11 +28,11 @@ def corpus(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("script", ["run_mlm", "run_span_t5"])
-def test_sigterm_at_step_20_and_400_resumes_with_the_uninterrupted_batches(corpus, script):
-    results = bench.resume_check(script, str(corpus / "shards"), str(corpus), stops=(20, 400))
+@pytest.mark.parametrize("script,workers", [("run_mlm", 0), ("run_span_t5", 0), ("run_mlm", 2)])
+def test_sigterm_at_step_20_and_400_resumes_with_the_uninterrupted_batches(corpus, script, workers):
+    results = bench.resume_check(script, str(corpus / "shards"), str(corpus), stops=(20, 400), workers=workers)
     for stop, r in results.items():
-        print(f"{script}: SIGTERM at step {stop}, rerun: first step {r['seconds_to_first_step']:.1f} s after start, "
+        print(f"{script}, {workers} workers: SIGTERM at step {stop}, rerun: first step {r['seconds_to_first_step']:.1f} s after start, "
               f"{r['steps_after_resume']} batches after it identical: {r['identical']}")
         assert r["stopped_with"] == 143 and r["checkpoint"] and r["identical"], (stop, r)
 
