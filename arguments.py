@@ -28,6 +28,12 @@ CONFIG_FILE_EXTENSIONS = (".json", ".yaml", ".yml")
 DATA_FILE_EXTENSIONS = ("txt", "text", "raw", "csv", "tsv", "json", "jsonl", "parquet")
 
 
+def file_format(path):
+    """A data file's format: its extension, under a .gz or .zst one (corpus.jsonl.zst -> jsonl); "" if none."""
+    base = os.path.basename(path).lower().removesuffix(".gz").removesuffix(".zst")
+    return base.rsplit(".", 1)[-1] if "." in base else ""
+
+
 class UserError(Exception):
     """A mistake in the user's input. Scripts print it as one line and exit with status 2."""
 
@@ -127,8 +133,7 @@ class DataArguments:
             path = getattr(self, name)
             if path is None or os.path.isdir(path) or any(c in path for c in "*?["):  # shards: checked when found
                 continue
-            base = os.path.basename(path).lower().removesuffix(".gz").removesuffix(".zst")
-            extension = base.rsplit(".", 1)[-1] if "." in base else ""
+            extension = file_format(path)
             if extension not in DATA_FILE_EXTENSIONS:
                 raise UserError(f"--{name} {path!r} has an unknown extension {extension!r}; use one of "
                                 + ", ".join("." + e for e in DATA_FILE_EXTENSIONS))

@@ -16,7 +16,7 @@ import torch
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 from transformers import AutoConfig, AutoTokenizer
 
-from arguments import UserError
+from arguments import UserError, file_format
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +95,6 @@ def find_shards(spec, flag):
         what = "is a folder that holds" if os.path.isdir(spec) else "matches"
         raise UserError(f"{flag} {spec!r} {what} no data files; give .txt, .jsonl or .parquet files (.gz/.zst too)")
     return paths
-
-
-def file_format(path):
-    """A data file's format: its extension, under a .gz or .zst one (corpus.jsonl.zst -> jsonl)."""
-    base = os.path.basename(path).lower().removesuffix(".gz").removesuffix(".zst")
-    return base.rsplit(".", 1)[-1]
 
 
 def load_data_file(spec, flag, cache_dir=None, streaming=False):

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 import data_utils
 import train_utils
-from arguments import UserError
+from arguments import UserError, file_format
 
 SHARD_FORMATS = ("txt", "raw", "text", "json", "jsonl", "parquet")  # .gz/.zst compressed too, except parquet
 POSITIONS_FILE = "stream_positions.json"
@@ -41,7 +41,7 @@ def hub_shards(dataset_name, config_name=None, token=None):
 
     builder = load_dataset_builder(dataset_name, config_name, token=token)
     files = (builder.config.data_files or {}).get("train")
-    files = [str(f) for f in files or [] if data_utils.file_format(str(f)) in SHARD_FORMATS]
+    files = [str(f) for f in files or [] if file_format(str(f)) in SHARD_FORMATS]
     if not files:
         raise UserError(f"--dataset_name {dataset_name!r} has no .parquet, .jsonl or .txt files in its train split "
                         "to stream as shards; download it and pass --train_file")
@@ -60,7 +60,7 @@ def load_training_stream(model_args, data_args, training_args, column, make_bloc
     else:
         shards = data_utils.find_shards(data_args.train_file or data_utils.write_embedded_corpus(model_args.cache_dir)[0],
                                         "--train_file")
-    unfit = [path for path in shards if data_utils.file_format(path) not in SHARD_FORMATS]
+    unfit = [path for path in shards if file_format(path) not in SHARD_FORMATS]
     if unfit:
         raise UserError(f"--streaming reads .txt, .jsonl (.gz, .zst) and .parquet shards, not {unfit[0]!r}; "
                         "convert it or leave out --streaming")
@@ -79,7 +79,6 @@ def _rows(path, column, offset, skip):
     """((offset, index), text) for each row of a shard from row `skip` of the line (or parquet row) at
     `offset`. Text files: one row a line (lines end as datasets' text loader ends them);
     JSON lines: the `column` of each object; parquet: offset is the row number."""
-    options = {"compression": "infer"}
     if path.lower().endswith(".parquet"):
         with fsspec.open(path, "rb").open() as f:
             parquet = pq.ParquetFile(f)
@@ -94,7 +93,7 @@ def _rows(path, column, offset, skip):
                     first += 1
         return
     is_json = ".json" in path.lower()
-    with fsspec.open(path, "rb", **options).open() as f:
+    with fsspec.open(path, "rb", compression="infer").open() as f:
         f.seek(offset)  # compressed shards are decompressed up to it: bounded by the shard, not by the run
         lines = io.BufferedReader(f) if path.lower().endswith(".zst") else f  # zstandard's reader has no readline
         for line in lines:
