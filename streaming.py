@@ -139,7 +139,7 @@ class ShardedBlocks(torch.utils.data.IterableDataset):
         self.shards, self.column, self.make_blocks, self.seed, self.lanes = shards, column, make_blocks, seed, lanes
         self.window, self.held_out, self.rows_per_batch = max(1, shuffle_buffer_size), held_out, rows_per_batch
         self.rank, self.world = 0, 1  # set by the Trainer in each process
-        self.batches_before = 0  # batches each process trained on before (a resumed run)
+        self.batches = 0  # batches this process trained on (counted by record; a resumed run starts with them)
         self.positions = {}  # lane -> its state after the last block trained on (set in the main process)
 
     def held_out_blocks(self):
@@ -201,7 +201,7 @@ class ShardedBlocks(torch.utils.data.IterableDataset):
         if self.lanes % readers:
             raise ValueError(f"{self.lanes} lanes cannot be split among {readers} readers (processes x workers)")
         # After a resume at batch B, this process's worker w delivers what worker (w + B) % workers delivered.
-        reader = self.rank * workers + (worker + self.batches_before) % workers
+        reader = self.rank * workers + (worker + self.batches) % workers
         lanes = list(range(reader, self.lanes, readers))
         streams = {lane: self._lane(lane, self.positions.get(lane)) for lane in lanes}
         # Lanes take turns; after a resume the turn is the first lane with the fewest blocks given.
@@ -215,13 +215,15 @@ class ShardedBlocks(torch.utils.data.IterableDataset):
 
     # The main process's record of what was trained on, saved in checkpoints and read back on resume.
     def record(self, positions):
+        """A batch was trained on; `positions`: its last (lane, state) of each lane."""
+        self.batches += 1
         for lane, state in positions:
             if state[3] > self.positions.get(lane, (None, 0, 0, 0))[3]:
                 self.positions[lane] = state
 
     def state_dict(self):
         return {"lanes": self.lanes, "seed": self.seed, "shards": len(self.shards), "window": self.window,
-                "batches": self.batches_before, "positions": {str(lane): state for lane, state in sorted(self.positions.items())}}
+                "batches": self.batches, "positions": {str(lane): state for lane, state in sorted(self.positions.items())}}
 
     def load_state_dict(self, state, where):
         saved = (state["lanes"], state["seed"], state["shards"], state["window"])
@@ -231,7 +233,7 @@ class ShardedBlocks(torch.utils.data.IterableDataset):
                             f"{len(self.shards)} and {self.window}; use the same (--stream_lanes {state['lanes']}) or "
                             "pass --ignore_data_skip to restart the stream")
         self.positions = {int(lane): (tuple(s[0]), *s[1:]) for lane, s in state["positions"].items()}
-        self.batches_before = state["batches"]
+        self.batches = state["batches"]
 
 
 class CollateWithPositions:
@@ -282,8 +284,7 @@ class ResumableStreamTrainer(train_utils.IsolatedEvalTrainer):
     def _save_checkpoint(self, model, trial):
         # Written before the Trainer's files, so a checkpoint that looks complete (trainer_state.json) has it.
         if isinstance(self.train_dataset, ShardedBlocks):
-            state = dict(self.train_dataset.state_dict(),
-                         batches=self.state.global_step * self.args.gradient_accumulation_steps)
+            state = self.train_dataset.state_dict()
             if self.args.world_size > 1:
                 gathered = [None] * self.args.world_size
                 torch.distributed.all_gather_object(gathered, state["positions"])
