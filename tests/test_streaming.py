@@ -247,13 +247,8 @@ def test_held_out_blocks_are_never_trained_on(tmp_path):
 
 def trained_blocks(record):
     """The text blocks a run trained on (masked positions restored from the labels), from every rank's file."""
-    blocks = []
-    for path in sorted(record.parent.glob(record.name + ".*")):
-        for line in path.read_text().splitlines():
-            _, ids, labels = json.loads(line)
-            for row, row_labels in zip(ids, labels):
-                blocks.append(tuple(label if label != -100 else token for token, label in zip(row, row_labels)))
-    return blocks
+    return unmasked([json.loads(line) for path in sorted(record.parent.glob(record.name + ".*"))
+                     for line in path.read_text().splitlines()])
 
 
 def two_processes_and_one(tmp_path, flags, workers, per_device_batch):
