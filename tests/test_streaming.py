@@ -227,6 +227,14 @@ def test_streaming_errors_name_the_fix(tmp_path):
         run_mlm.main([*base, "--stream_lanes=4"])
     with pytest.raises(UserError, match="bound the run with --max_steps"):
         run_mlm.main([*base, "--max_train_samples=10"])
+    with pytest.raises(UserError, match=r"--stream_lanes 3 must be a multiple of processes x dataloader workers \(2\)"):
+        run_mlm.main([*base, "--stream_lanes=3", "--dataloader_num_workers=2"])
+    with pytest.raises(UserError, match="--shuffle_buffer_size and --stream_lanes must be positive integers"):
+        run_mlm.main([*base, "--stream_lanes=0"])
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "a.csv").write_text("text\nsome words here\n", encoding="utf-8")
+    with pytest.raises(UserError, match="--streaming reads .txt, .jsonl .* not .*a.csv'; convert it"):
+        run_mlm.main([*base[:-2], f"--train_file={tmp_path / 'tables'}", "--max_steps=2"])
     with pytest.raises(UserError, match="matches no data files"):
         run_mlm.main([*base[:-2], f"--train_file={tmp_path}/nothing-*.txt", "--max_steps=2"])
     run_mlm.main([*base, "--overwrite_output_dir", "--save_steps=1"])
